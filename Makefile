@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint pytest bench schemas clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+## run: a local federation on loopback (coordinator + demo echo worker on 127.0.0.1:8080)
+run: $(STAMP)
+	$(BIN)/rma-coordinator demo
+
+## test: lint, then every test
+test: lint pytest
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/python -m coordinator.protocol --export /tmp/rma-schemas-check >/dev/null
+	diff -r coordinator/schemas /tmp/rma-schemas-check
+
+## schemas: re-export the wire contract's JSON Schemas into coordinator/schemas
+schemas: $(STAMP)
+	$(BIN)/python -m coordinator.protocol --export coordinator/schemas
+
+## bench: performance figures, written to bench/results.md
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,77 @@
+"""JSON error answers and bounded body reading, shared by every endpoint."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+HOP = "coordinator"
+M = TypeVar("M", bound=BaseModel)
+
+
+def json_error(
+    status: int,
+    error: str,
+    detail: Any = None,
+    *,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> web.Response:
+    """``{"error": code, "detail": ..., "hop": "coordinator", ...}`` with the given status."""
+    body: dict[str, Any] = {"error": error, "detail": detail, "hop": HOP}
+    body.update(extra)
+    return web.Response(
+        status=status,
+        body=json.dumps(body, separators=(",", ":"), default=str).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+class BadRequest(Exception):
+    """Raised while reading input; carries the ready JSON answer."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+async def read_capped(request: web.Request, limit: int) -> bytes:
+    """The request body, or :class:`BadRequest` (413) if it exceeds ``limit`` bytes."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise BadRequest(json_error(413, "body_too_large", f"at most {limit} bytes"))
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(json_error(413, "body_too_large", f"at most {limit} bytes"))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_model(model: type[M], body: bytes) -> M:
+    """Validate JSON ``body`` as ``model``: 400 for broken JSON, 422 for schema errors."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise BadRequest(json_error(400, "invalid_json", errors[0]["msg"])) from None
+        detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
+        raise BadRequest(json_error(422, "invalid_request", detail[:20])) from None
+
+
+def bearer(request: web.Request) -> str | None:
+    value = request.headers.get("Authorization", "")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()

@@ -1,0 +1,81 @@
+"""Tunnel URL policy: the only URLs the federation will ever fetch or proxy to.
+
+A tunnel URL is an origin (scheme + host, no path, query, credentials or port) served over
+https from a host under an allowed suffix. ``http://127.0.0.1:<port>`` (and ``localhost``,
+``[::1]``) is accepted only when loopback is explicitly allowed, for local development.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class InvalidTunnelURL(ValueError):
+    """The URL breaks the tunnel URL policy; ``str(exc)`` says which rule."""
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _suffix_matches(host: str, suffix: str) -> bool:
+    suffix = suffix.strip().lower()
+    if not suffix:
+        return False
+    if suffix.startswith("."):
+        return host.endswith(suffix) and len(host) > len(suffix)
+    return host == suffix or host.endswith("." + suffix)
+
+
+def validate_tunnel_url(
+    url: str, allowed_suffixes: Iterable[str], *, allow_loopback: bool = False
+) -> str:
+    """Return the normalised origin (``scheme://host[:port]``) or raise :class:`InvalidTunnelURL`."""
+    if not isinstance(url, str) or not url or len(url) > 2048:
+        raise InvalidTunnelURL("tunnel_url must be a non-empty string of at most 2048 characters")
+    if any(ord(c) < 0x21 or ord(c) > 0x7E for c in url):
+        raise InvalidTunnelURL("tunnel_url must be printable ASCII (IDN hosts are not accepted)")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidTunnelURL(f"tunnel_url does not parse: {exc}") from None
+    scheme = parts.scheme.lower()
+    if "@" in parts.netloc:
+        raise InvalidTunnelURL("tunnel_url must not carry credentials")
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise InvalidTunnelURL("tunnel_url has no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise InvalidTunnelURL("tunnel_url must be an origin, without path, query or fragment")
+
+    if host in _LOOPBACK_HOSTS:
+        if not allow_loopback:
+            raise InvalidTunnelURL("loopback tunnel URLs are accepted only in dev mode")
+        if scheme not in ("http", "https") or port is None:
+            raise InvalidTunnelURL("loopback tunnel URLs must be http(s)://127.0.0.1:<port>")
+        shown = f"[{host}]" if ":" in host else host
+        return f"{scheme}://{shown}:{port}"
+
+    if scheme != "https":
+        raise InvalidTunnelURL("tunnel_url must use https")
+    if _is_ip_literal(host) or host.startswith("["):
+        raise InvalidTunnelURL("tunnel_url must name a host, not an IP address")
+    if port is not None:
+        raise InvalidTunnelURL("tunnel_url must not name a port")
+    labels = host.split(".")
+    if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
+        raise InvalidTunnelURL("tunnel_url host is not a valid DNS name")
+    if not any(_suffix_matches(host, s) for s in allowed_suffixes):
+        raise InvalidTunnelURL("tunnel_url host is not under an allowed suffix")
+    return f"https://{host}"
