@@ -14,7 +14,7 @@ from coordinator.settings import CoordinatorSettings
 
 def _install_uvloop() -> None:
     try:
-        import uvloop  # noqa: PLC0415
+        import uvloop
     except ImportError:  # pragma: no cover - non-CPython or Windows
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
@@ -26,9 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Edge coordinator of the RMA volunteer-compute federation. Every option "
         "is also an environment variable (upper-case name); flags win.",
     )
-    parser.add_argument("command", nargs="?", choices=["serve", "demo"], default="serve",
-                        help="serve (default), or demo: a loopback coordinator with an echo "
-                        "worker registered")
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=["serve", "demo"],
+        default="serve",
+        help="serve (default), or demo: a loopback coordinator with an echo worker registered",
+    )
     parser.add_argument("--host", help="COORDINATOR_HOST (default 0.0.0.0)")
     parser.add_argument("--port", type=int, help="COORDINATOR_PORT (default 8080)")
     parser.add_argument("--coordinator-id", help="COORDINATOR_ID")
@@ -64,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     _install_uvloop()
     if args.command == "demo":
-        from coordinator.demo import run_demo  # noqa: PLC0415
+        from coordinator.demo import run_demo
 
         return run_demo(settings)
-    from coordinator.app import create_app  # noqa: PLC0415
+    from coordinator.app import create_app
 
     app = create_app(settings)
     web.run_app(

@@ -292,8 +292,10 @@ def create_app(
     settings: CoordinatorSettings | None = None, *, coordinator_id: str | None = None
 ) -> web.Application:
     settings = settings or CoordinatorSettings()
-    cid = coordinator_id or settings.coordinator_id or load_coordinator_id(
-        settings.coordinator_state_dir
+    cid = (
+        coordinator_id
+        or settings.coordinator_id
+        or load_coordinator_id(settings.coordinator_state_dir)
     )
     coordinator = Coordinator(settings, coordinator_id=cid)
     app = web.Application(

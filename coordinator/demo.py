@@ -43,7 +43,9 @@ def echo_app(gateway_key: str, worker_id: str) -> web.Application:
     async def echo(request: web.Request) -> web.Response:
         presented = request.headers.get(GATEWAY_KEY_HEADER, "").encode()
         if not hmac.compare_digest(presented, gateway_key.encode()):
-            return web.json_response({"error": "unauthorized", "detail": "bad gateway key"}, status=401)
+            return web.json_response(
+                {"error": "unauthorized", "detail": "bad gateway key"}, status=401
+            )
         body = await request.read()
         return web.json_response(
             {
@@ -97,25 +99,33 @@ async def _demo_worker(coordinator_url: str, stop: asyncio.Event) -> None:
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
             async with http.post(
-                f"{coordinator_url}/api/worker/register", data=register.model_dump_json(),
+                f"{coordinator_url}/api/worker/register",
+                data=register.model_dump_json(),
                 headers={"Content-Type": "application/json"},
             ) as resp:
                 reply = WorkerRegisterResponse.model_validate_json(await resp.read())
-            log.info("demo_worker_registered", worker_id=reply.worker_id,
-                     assigned=reply.assigned_services)
-            auth = {"Authorization": f"Bearer {reply.worker_token}",
-                    "Content-Type": "application/json"}
+            log.info(
+                "demo_worker_registered",
+                worker_id=reply.worker_id,
+                assigned=reply.assigned_services,
+            )
+            auth = {
+                "Authorization": f"Bearer {reply.worker_token}",
+                "Content-Type": "application/json",
+            }
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), reply.heartbeat_interval)
                 if stop.is_set():
                     break
                 beat = WorkerHeartbeatRequest(worker_id=reply.worker_id)
-                async with http.post(f"{coordinator_url}/api/worker/heartbeat",
-                                     data=beat.model_dump_json(), headers=auth) as resp:
+                async with http.post(
+                    f"{coordinator_url}/api/worker/heartbeat",
+                    data=beat.model_dump_json(),
+                    headers=auth,
+                ) as resp:
                     WorkerHeartbeatResponse.model_validate_json(await resp.read())
-            async with http.delete(f"{coordinator_url}/api/worker/{reply.worker_id}",
-                                   headers=auth):
+            async with http.delete(f"{coordinator_url}/api/worker/{reply.worker_id}", headers=auth):
                 pass
     finally:
         await runner.cleanup()

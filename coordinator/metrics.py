@@ -55,7 +55,9 @@ class Metrics:
             "rma_heartbeats", "Worker heartbeats by outcome", ["outcome"], registry=self.registry
         )
         self.registrations = Counter(
-            "rma_registrations", "Worker registrations by outcome", ["outcome"],
+            "rma_registrations",
+            "Worker registrations by outcome",
+            ["outcome"],
             registry=self.registry,
         )
         self.removals = Counter(
@@ -68,7 +70,9 @@ class Metrics:
             registry=self.registry,
         )
         self.rejected = Counter(
-            "rma_proxy_rejected", "Requests answered 503 without a worker", ["reason"],
+            "rma_proxy_rejected",
+            "Requests answered 503 without a worker",
+            ["reason"],
             registry=self.registry,
         )
         self.latency = Histogram(
@@ -76,8 +80,25 @@ class Metrics:
             "Time until the worker's response headers arrived",
             ["service"],
             registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
-                     60, 120, 300),
+            buckets=(
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1,
+                2.5,
+                5,
+                10,
+                30,
+                60,
+                120,
+                300,
+            ),
         )
         self._hb_ok = self.heartbeats.labels("ok")
         self._latency_children: dict[str, Histogram] = {}

@@ -32,12 +32,12 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(code): _answer("error", p.ErrorResponse) for code in codes}
 
 
-_BEARER = [{"bearer": []}]
+_BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
 @cache
 def openapi_document(version: str) -> dict[str, Any]:
-    models = [
+    models: list[type[BaseModel]] = [
         p.WorkerRegisterRequest,
         p.WorkerRegisterResponse,
         p.WorkerHeartbeatRequest,
@@ -47,9 +47,7 @@ def openapi_document(version: str) -> dict[str, Any]:
         p.HealthResponse,
         p.ErrorResponse,
     ]
-    _, schemas = models_json_schema(
-        [(m, "validation") for m in models], ref_template=_REF
-    )
+    _, schemas = models_json_schema([(m, "validation") for m in models], ref_template=_REF)
     service_params = [
         {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
         {"name": "tail", "in": "path", "required": True, "schema": {"type": "string"}},
@@ -115,8 +113,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "get": {
                     "summary": "Full worker records (admin token)",
                     "security": _BEARER,
-                    "responses": {"200": _answer("workers", p.WorkersResponse)}
-                    | _errors(401, 403),
+                    "responses": {"200": _answer("workers", p.WorkersResponse)} | _errors(401, 403),
                 }
             },
             "/health": {
@@ -125,10 +122,18 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "responses": {"200": _answer("healthy", p.HealthResponse)},
                 }
             },
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
-                "description": "text exposition format"}}}},
-            "/status": {"get": {"summary": "Human status page", "responses": {"200": {
-                "description": "HTML"}}}},
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {"200": {"description": "text exposition format"}},
+                }
+            },
+            "/status": {
+                "get": {
+                    "summary": "Human status page",
+                    "responses": {"200": {"description": "HTML"}},
+                }
+            },
             "/service/{name}/{tail}": {
                 method: dict(proxied) for method in ("get", "post", "put", "patch", "delete")
             },

@@ -10,6 +10,7 @@ went out is retried on another worker and counts a strike against the first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -90,9 +91,7 @@ class _ConnectFailed(Exception):
 
 
 class Proxy:
-    def __init__(
-        self, registry: Registry, settings: CoordinatorSettings, metrics: Metrics
-    ) -> None:
+    def __init__(self, registry: Registry, settings: CoordinatorSettings, metrics: Metrics) -> None:
         self.registry = registry
         self.settings = settings
         self.metrics = metrics
@@ -182,9 +181,7 @@ class Proxy:
                 return self._unavailable("all_workers_busy", f"every {service!r} worker is busy")
             worker = slot.worker
             try:
-                return await self._forward(
-                    request, slot, service, path, headers, body, request_id
-                )
+                return await self._forward(request, slot, service, path, headers, body, request_id)
             except _ConnectFailed as exc:
                 self.registry.strike(worker)
                 log.warning(
@@ -223,8 +220,10 @@ class Proxy:
         out: CIMultiDict[str] = CIMultiDict()
         for key, value in request.headers.items():
             lower = key.lower()
-            if lower in drop or lower in _REPLACED_REQUEST or lower.startswith(
-                INTERNAL_HEADER_PREFIX
+            if (
+                lower in drop
+                or lower in _REPLACED_REQUEST
+                or lower.startswith(INTERNAL_HEADER_PREFIX)
             ):
                 continue
             out.add(key, value)
@@ -251,9 +250,7 @@ class Proxy:
         if worker.gateway_key:
             out_headers = headers.copy()
             out_headers[GATEWAY_KEY_HEADER] = worker.gateway_key
-        data: Any = body if body is not None else (
-            request.content if request.body_exists else None
-        )
+        data: Any = body if body is not None else (request.content if request.body_exists else None)
         url = URL(worker.tunnel_url + path, encoded=True)
         self.registry.acquire(slot)
         self.in_flight += 1
@@ -325,10 +322,10 @@ class Proxy:
                 length is not None and length <= _SMALL_BODY and not is_stream
             ):
                 payload = await upstream.read() if request.method != "HEAD" else b""
-                resp = web.Response(status=upstream.status, headers=headers, body=payload)
+                small = web.Response(status=upstream.status, headers=headers, body=payload)
                 if request.method == "HEAD" and length is not None:
-                    resp.headers["Content-Length"] = str(length)
-                return resp
+                    small.headers["Content-Length"] = str(length)
+                return small
             headers.popall("Content-Length", None)
             resp = web.StreamResponse(status=upstream.status, headers=headers)
             if length is not None:
@@ -371,7 +368,5 @@ async def _send_sse_error(resp: web.StreamResponse, worker: WorkerRecord, reques
             "request_id": request_id,
         }
     )
-    try:
+    with contextlib.suppress(ConnectionResetError, RuntimeError):
         await resp.write(f"event: error\ndata: {event}\n\n".encode())
-    except (ConnectionResetError, RuntimeError):
-        pass

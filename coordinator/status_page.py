@@ -14,7 +14,8 @@ MAX_ROWS = 500
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}
 h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em}
-table{border-collapse:collapse}td,th{padding:.25em .7em;border-bottom:1px solid #ddd;text-align:left}
+table{border-collapse:collapse}
+td,th{padding:.25em .7em;border-bottom:1px solid #ddd;text-align:left}
 th{background:#f4f4f4}.suspect{color:#a60}.draining{color:#888}.num{text-align:right}
 """
 
@@ -32,11 +33,14 @@ def render_status(health: HealthResponse, registry: Registry) -> str:
     limit = registry.strike_limit
     for i, record in enumerate(registry):
         if i >= MAX_ROWS:
-            worker_rows.append(f"<tr><td colspan=6>... and {len(registry) - MAX_ROWS} more</td></tr>")
+            worker_rows.append(
+                f"<tr><td colspan=6>... and {len(registry) - MAX_ROWS} more</td></tr>"
+            )
             break
         state = record.health(limit)
         gpus = ", ".join(
-            f"{g.name} ({g.memory_free_mb}/{g.memory_total_mb} MiB)" for g in record.capabilities.gpus
+            f"{g.name} ({g.memory_free_mb}/{g.memory_total_mb} MiB)"
+            for g in record.capabilities.gpus
         )
         load = f"{record.cpu_pct:.0f}%" if record.cpu_pct is not None else "-"
         worker_rows.append(

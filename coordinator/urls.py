@@ -40,7 +40,7 @@ def _suffix_matches(host: str, suffix: str) -> bool:
 def validate_tunnel_url(
     url: str, allowed_suffixes: Iterable[str], *, allow_loopback: bool = False
 ) -> str:
-    """Return the normalised origin (``scheme://host[:port]``) or raise :class:`InvalidTunnelURL`."""
+    """The normalised origin (``scheme://host[:port]``), or :class:`InvalidTunnelURL`."""
     if not isinstance(url, str) or not url or len(url) > 2048:
         raise InvalidTunnelURL("tunnel_url must be a non-empty string of at most 2048 characters")
     if any(ord(c) < 0x21 or ord(c) > 0x7E for c in url):
