@@ -167,7 +167,7 @@ class Proxy:
             return self._unavailable("no_ready_workers", f"no worker is ready for {service!r}")
 
         request_id = request_id_of(request)
-        path = f"/service/{service}{tail}" + (f"?{query}" if query else "")
+        path = f"/service/{service}{tail or '/'}" + (f"?{query}" if query else "")
         headers = self._request_headers(request, request_id)
         streaming_body = body is None and request.body_exists
         exclude: frozenset[str] = frozenset()
