@@ -157,6 +157,14 @@ class Coordinator:
         body = await read_capped(request, self.settings.max_control_body)
         beat = parse_model(WorkerHeartbeatRequest, body)
         self._check_version(beat.protocol_version)
+        if beat.coordinator_id is not None and beat.coordinator_id != self.coordinator_id:
+            self.metrics.heartbeats.labels("unknown").inc()
+            return json_error(
+                404,
+                "unknown_worker",
+                f"this is coordinator {self.coordinator_id!r}, not {beat.coordinator_id!r}; "
+                "register again",
+            )
         try:
             record = self.registry.authenticate(beat.worker_id, bearer(request))
         except UnknownWorker as exc:

@@ -144,10 +144,15 @@ class ServiceHealth(_Request):
 
 
 class WorkerHeartbeatRequest(_Request):
-    """``POST /api/worker/heartbeat`` with ``Authorization: Bearer <worker_token>``."""
+    """``POST /api/worker/heartbeat`` with ``Authorization: Bearer <worker_token>``.
+
+    ``coordinator_id`` (from the registration reply) lets the router route a heartbeat sent
+    through it; a coordinator answers 404 to a beat addressed to another coordinator.
+    """
 
     protocol_version: int = PROTOCOL_VERSION
     worker_id: Identifier
+    coordinator_id: Identifier | None = None
     state: WorkerState = "active"
     active_requests: int = Field(default=0, ge=0, le=1_000_000)
     cpu_pct: float | None = Field(default=None, ge=0, le=100)

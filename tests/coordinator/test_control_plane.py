@@ -88,6 +88,11 @@ async def test_heartbeat_unknown_and_bad_token(fed: Fed, backend_factory: Backen
     assert resp.status == 401
     resp = await fed.client.post("/api/worker/heartbeat", json={"worker_id": "beta"})
     assert resp.status == 401
+    # A beat addressed to another coordinator (misrouted) asks the worker to register again.
+    resp = await fed.beat(reply, coordinator_id="coord-other")
+    assert resp.status == 404
+    resp = await fed.beat(reply, coordinator_id="coord-test")
+    assert resp.status == 200
 
 
 async def test_reregister_requires_token_and_replaces_address(
