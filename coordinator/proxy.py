@@ -9,23 +9,29 @@ went out is retried on another worker and counts a strike against the first.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
+import os
 import re
 import time
-import uuid
+from collections.abc import AsyncIterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-import aiohttp
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from coordinator.errors import json_error
 from coordinator.protocol import GATEWAY_KEY_HEADER, INTERNAL_HEADER_PREFIX, REQUEST_ID_HEADER
+from coordinator.upstream import (
+    ConnectFailed,
+    Disconnected,
+    ResponseTimeout,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+)
 
 if TYPE_CHECKING:
     from coordinator.metrics import Metrics
@@ -51,8 +57,18 @@ HOP_BY_HOP = frozenset(
 )
 #: Request headers the proxy sets itself; clients' copies are dropped.
 _REPLACED_REQUEST = frozenset(
-    {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"}
+    {
+        "host",
+        "content-length",
+        "expect",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+    }
 )
+#: Response headers the proxy sets itself.
+_REPLACED_RESPONSE = frozenset({"x-request-id", "content-length", "transfer-encoding"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 #: Responses with a known length up to this size are sent in one piece.
@@ -63,7 +79,7 @@ def request_id_of(request: web.Request) -> str:
     value = request.headers.get(REQUEST_ID_HEADER)
     if value is not None and _REQUEST_ID.match(value):
         return value
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def _drop_set(headers: Any) -> set[str]:
@@ -96,30 +112,18 @@ class Proxy:
         self.settings = settings
         self.metrics = metrics
         self.in_flight = 0
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=0,
-            ttl_dns_cache=300,
-            keepalive_timeout=30,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=self.settings.proxy_connect_timeout,
-                sock_read=self.settings.proxy_ttfb_timeout,
-            ),
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+        self._pool = UpstreamPool(
+            connect_timeout=self.settings.proxy_connect_timeout,
+            read_timeout=self.settings.proxy_ttfb_timeout,
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     # ------------------------------------------------------------------ entry point
 
@@ -137,7 +141,9 @@ class Proxy:
         tail = raw_path[len("/service/") + len(name) :]
         if tail and not tail.startswith("/"):
             return json_error(404, "unknown_service", f"no service named {name!r}")
-        if any(seg in (".", "..") for seg in unquote(tail).split("/")):
+        if ("." in tail or "%" in tail) and any(
+            seg in (".", "..") for seg in unquote(tail).split("/")
+        ):
             return json_error(400, "invalid_path", "dot segments are not allowed")
         if self.in_flight >= self.settings.max_inflight:
             return self._unavailable("overloaded", "the coordinator is at its concurrency limit")
@@ -167,21 +173,19 @@ class Proxy:
             return self._unavailable("no_ready_workers", f"no worker is ready for {service!r}")
 
         request_id = request_id_of(request)
-        path = f"/service/{service}{tail or '/'}" + (f"?{query}" if query else "")
+        target = f"/service/{service}{tail or '/'}" + (f"?{query}" if query else "")
         headers = self._request_headers(request, request_id)
-        streaming_body = body is None and request.body_exists
         exclude: frozenset[str] = frozenset()
-        attempts = 1 + self.settings.proxy_retries
         last_failed: WorkerRecord | None = None
-        for attempt in range(attempts):
+        for attempt in range(1 + self.settings.proxy_retries):
             slot = pool.pick(self.registry.rng, exclude)
             if slot is None:
-                if last_failed is not None:
-                    return self._worker_unreachable(last_failed, request_id)
-                return self._unavailable("all_workers_busy", f"every {service!r} worker is busy")
+                break
             worker = slot.worker
             try:
-                return await self._forward(request, slot, service, path, headers, body, request_id)
+                return await self._forward(
+                    request, slot, service, target, headers, body, request_id
+                )
             except _ConnectFailed as exc:
                 self.registry.strike(worker)
                 log.warning(
@@ -191,12 +195,13 @@ class Proxy:
                     attempt=attempt + 1,
                     reason=str(exc),
                 )
-                if streaming_body and request.content.total_bytes:
-                    break  # part of the body is gone: it cannot be sent again
                 last_failed = worker
+                if body is None and request.body_exists and request.content.total_bytes:
+                    break  # part of a streamed body is gone: it cannot be sent again
                 exclude = exclude | {worker.worker_id}
-        assert last_failed is not None or attempts == 0
-        return self._worker_unreachable(last_failed, request_id)
+        if last_failed is not None:
+            return self._worker_unreachable(last_failed, request_id)
+        return self._unavailable("all_workers_busy", f"every {service!r} worker is busy")
 
     # ------------------------------------------------------------------ helpers
 
@@ -206,91 +211,116 @@ class Proxy:
             503, code, detail, headers={"Retry-After": str(self.settings.retry_after)}
         )
 
-    def _worker_unreachable(self, worker: WorkerRecord | None, request_id: str) -> web.Response:
-        return json_error(
-            502,
-            "worker_unreachable",
-            "the worker could not be reached",
-            worker_id=worker.worker_id if worker else None,
-            request_id=request_id,
-        )
+    def _worker_unreachable(
+        self,
+        worker: WorkerRecord,
+        request_id: str,
+        status: int = 502,
+        code: str = "worker_unreachable",
+        detail: str = "the worker could not be reached",
+    ) -> web.Response:
+        return json_error(status, code, detail, worker_id=worker.worker_id, request_id=request_id)
 
-    def _request_headers(self, request: web.Request, request_id: str) -> CIMultiDict[str]:
+    def _request_headers(self, request: web.Request, request_id: str) -> list[tuple[str, str]]:
         drop = _drop_set(request.headers)
-        out: CIMultiDict[str] = CIMultiDict()
-        for key, value in request.headers.items():
-            lower = key.lower()
-            if (
-                lower in drop
-                or lower in _REPLACED_REQUEST
-                or lower.startswith(INTERNAL_HEADER_PREFIX)
-            ):
-                continue
-            out.add(key, value)
+        out = [
+            (key, value)
+            for key, value in request.headers.items()
+            if (lower := key.lower()) not in drop
+            and lower not in _REPLACED_REQUEST
+            and not lower.startswith(INTERNAL_HEADER_PREFIX)
+        ]
         client = request.headers.get("CF-Connecting-IP") or request.remote or ""
-        out["X-Forwarded-For"] = client
-        out["X-Forwarded-Proto"] = "https" if "CF-Ray" in request.headers else request.scheme
-        out["X-Forwarded-Host"] = request.host
-        out[REQUEST_ID_HEADER] = request_id
+        out.append(("X-Forwarded-For", client))
+        out.append(
+            ("X-Forwarded-Proto", "https" if "CF-Ray" in request.headers else request.scheme)
+        )
+        out.append(("X-Forwarded-Host", request.host))
+        out.append((REQUEST_ID_HEADER, request_id))
         return out
+
+    async def _send(
+        self,
+        request: web.Request,
+        worker: WorkerRecord,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes | None,
+    ) -> UpstreamResponse:
+        assert self._pool is not None, "Proxy.start() was not awaited"
+        if worker.gateway_key:
+            headers = [*headers, (GATEWAY_KEY_HEADER, worker.gateway_key)]
+        replayable = body is not None or not request.body_exists
+        for fresh in (False, True):
+            data: bytes | AsyncIterable[bytes] | None = body
+            if body is None and request.body_exists:
+                data = request.content.iter_any()
+            try:
+                return await self._pool.request(
+                    request.method,
+                    worker.origin,
+                    target,
+                    headers,
+                    data,
+                    body_length=request.content_length,
+                    fresh=fresh,
+                )
+            except ConnectFailed as exc:
+                raise _ConnectFailed(str(exc)) from exc
+            except Disconnected as exc:
+                # A pooled connection that the worker had closed: try once on a new one.
+                if exc.reused and replayable and not fresh:
+                    continue
+                if replayable:
+                    raise _ConnectFailed(str(exc)) from exc
+                raise
+        raise AssertionError("unreachable")
 
     async def _forward(
         self,
         request: web.Request,
         slot: Slot,
         service: str,
-        path: str,
-        headers: CIMultiDict[str],
+        target: str,
+        headers: list[tuple[str, str]],
         body: bytes | None,
         request_id: str,
     ) -> web.StreamResponse:
-        assert self._session is not None, "Proxy.start() was not awaited"
         worker = slot.worker
-        out_headers = headers
-        if worker.gateway_key:
-            out_headers = headers.copy()
-            out_headers[GATEWAY_KEY_HEADER] = worker.gateway_key
-        data: Any = body if body is not None else (request.content if request.body_exists else None)
-        url = URL(worker.tunnel_url + path, encoded=True)
         self.registry.acquire(slot)
         self.in_flight += 1
         started = time.perf_counter()
         status = 0
         try:
             try:
-                upstream = await self._session.request(
-                    request.method,
-                    url,
-                    headers=out_headers,
-                    data=data,
-                    allow_redirects=False,
-                    compress=None,
-                )
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-                raise _ConnectFailed(type(exc).__name__) from exc
-            except aiohttp.ServerDisconnectedError as exc:
-                if data is None or body is not None:
-                    raise _ConnectFailed("server disconnected") from exc
+                upstream = await self._send(request, worker, target, headers, body)
+            except Disconnected:
                 status = 502
                 return self._worker_unreachable(worker, request_id)
-            except (TimeoutError, aiohttp.ServerTimeoutError):
+            except ResponseTimeout:
                 status = 504
-                return json_error(
+                return self._worker_unreachable(
+                    worker,
+                    request_id,
                     504,
                     "worker_timeout",
                     f"no response within {self.settings.proxy_ttfb_timeout:g} s",
-                    worker_id=worker.worker_id,
-                    request_id=request_id,
                 )
-            except aiohttp.ClientError as exc:
+            except UpstreamError as exc:
                 status = 502
                 log.warning(
-                    "worker_error",
+                    "worker_bad_response",
                     worker_id=worker.worker_id,
                     request_id=request_id,
-                    error=type(exc).__name__,
+                    error=str(exc),
                 )
-                return self._worker_unreachable(worker, request_id)
+                return self._worker_unreachable(
+                    worker,
+                    request_id,
+                    502,
+                    "worker_bad_response",
+                    "the worker's answer was not valid HTTP",
+                )
             status = upstream.status
             self.metrics.observe_response(service, time.perf_counter() - started)
             return await self._relay(request, upstream, worker, request_id)
@@ -303,43 +333,50 @@ class Proxy:
     async def _relay(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         worker: WorkerRecord,
         request_id: str,
     ) -> web.StreamResponse:
-        drop = _drop_set(upstream.headers)
+        raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers]
+        drop = set(HOP_BY_HOP)
+        for key, value in raw:
+            if key.lower() == "connection":
+                drop.update(token.strip().lower() for token in value.split(","))
         headers: CIMultiDict[str] = CIMultiDict()
-        for key, value in upstream.headers.items():
+        for key, value in raw:
             lower = key.lower()
-            if lower in drop or lower.startswith(INTERNAL_HEADER_PREFIX) or lower == "x-request-id":
+            if (
+                lower in drop
+                or lower in _REPLACED_RESPONSE
+                or lower.startswith(INTERNAL_HEADER_PREFIX)
+            ):
                 continue
             headers.add(key, value)
         headers[REQUEST_ID_HEADER] = request_id
         length = upstream.content_length
         is_stream = upstream.content_type == "text/event-stream"
         try:
-            if request.method == "HEAD" or (
-                length is not None and length <= _SMALL_BODY and not is_stream
-            ):
-                payload = await upstream.read() if request.method != "HEAD" else b""
-                small = web.Response(status=upstream.status, headers=headers, body=payload)
-                if request.method == "HEAD" and length is not None:
-                    small.headers["Content-Length"] = str(length)
-                return small
-            headers.popall("Content-Length", None)
+            if request.method == "HEAD":
+                head = web.Response(status=upstream.status, headers=headers)
+                if length is not None:
+                    head.headers["Content-Length"] = str(length)
+                return head
+            if length is not None and length <= _SMALL_BODY and not is_stream:
+                payload = await upstream.read()
+                return web.Response(status=upstream.status, headers=headers, body=payload)
             resp = web.StreamResponse(status=upstream.status, headers=headers)
             if length is not None:
                 resp.content_length = length
             await resp.prepare(request)
             try:
-                async for chunk in upstream.content.iter_any():
+                async for chunk in upstream.iter_chunks():
                     await resp.write(chunk)
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except UpstreamError as exc:
                 log.warning(
                     "stream_broken",
                     worker_id=worker.worker_id,
                     request_id=request_id,
-                    error=type(exc).__name__,
+                    error=str(exc),
                 )
                 if is_stream:
                     await _send_sse_error(resp, worker, request_id)
@@ -349,12 +386,14 @@ class Proxy:
                 return resp
             await resp.write_eof()
             return resp
-        except (ConnectionResetError, asyncio.CancelledError):
+        except UpstreamError:
+            upstream.close()
+            return self._worker_unreachable(
+                worker, request_id, 502, "worker_stream_broken", "the worker's answer broke off"
+            )
+        except BaseException:
             upstream.close()
             raise
-        except (aiohttp.ClientError, TimeoutError):
-            upstream.close()
-            return self._worker_unreachable(worker, request_id)
         finally:
             upstream.release()
 

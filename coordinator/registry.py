@@ -37,6 +37,7 @@ from coordinator.protocol import (
     WorkerType,
 )
 from coordinator.scheduler import Pool, Slot
+from coordinator.urls import origin_key
 
 
 class RegistryError(Exception):
@@ -67,11 +68,9 @@ def token_matches(presented: str | None, stored: bytes) -> bool:
     return hmac.compare_digest(candidate, stored) and presented is not None
 
 
-def _model_keys(model: str) -> tuple[str, ...]:
-    """Names a model answers to: ``llama3:latest`` is also ``llama3``."""
-    if model.endswith(":latest"):
-        return (model, model[: -len(":latest")])
-    return (model,)
+def _model_key(model: str) -> str:
+    """The pool key of a model: ``llama3:latest`` and ``llama3`` are one model (Ollama's rule)."""
+    return model.removesuffix(":latest")
 
 
 class WorkerRecord:
@@ -88,6 +87,7 @@ class WorkerRecord:
         "last_beat",
         "missed",
         "offers",
+        "origin",
         "registered_at",
         "reported_active",
         "slots",
@@ -115,6 +115,7 @@ class WorkerRecord:
         self.token_hash = token_hash
         self.worker_type: WorkerType = worker_type
         self.tunnel_url = tunnel_url
+        self.origin = origin_key(tunnel_url)
         self.gateway_key = gateway_key
         self.capabilities = capabilities
         self.offers = offers
@@ -251,8 +252,11 @@ class Registry:
             agent_version=req.agent_version,
             now=self.clock(),
         )
+        gaps: list[ServiceSpec] = []
         if old is not None:
-            self._drop(old)
+            # Fill the gaps the old record leaves only after the new one took its services back:
+            # a holder that re-registers (a new quick-tunnel URL) is not a departure.
+            gaps = self._drop(old, fill_gaps=False)
         self._workers[worker_id] = record
         self._alive[worker_id] = record
         for name, offer in offers.items():
@@ -260,6 +264,8 @@ class Registry:
             self._index(name).offered += 1
         self._assign(record)
         self._route(record)
+        for spec in gaps:
+            self._fill_gap(spec)
         return Registration(record, token, replaced=old is not None)
 
     def authenticate(self, worker_id: str, token: str | None) -> WorkerRecord:
@@ -312,7 +318,8 @@ class Registry:
             self.on_removed(record, reason)
         return record
 
-    def _drop(self, record: WorkerRecord) -> None:
+    def _drop(self, record: WorkerRecord, *, fill_gaps: bool = True) -> list[ServiceSpec]:
+        """Forget a worker; returns the services it leaves below target (filled unless told not)."""
         wid = record.worker_id
         del self._workers[wid]
         self._alive.pop(wid, None)
@@ -334,8 +341,10 @@ class Registry:
             index = self._services[name]
             if index.pool.size == 0 and not index.waiting:
                 del self._services[name]
-        for spec in gaps:
-            self._fill_gap(spec)
+        if fill_gaps:
+            for spec in gaps:
+                self._fill_gap(spec)
+        return gaps
 
     # ---------------------------------------------------------------- assignment
 
@@ -391,10 +400,13 @@ class Registry:
                 index = self._index(name)
                 slot.pools.append(index.pool)
                 for model in record.offers[name].models:
-                    for key in _model_keys(model):
-                        pool = index.model_pools.get(key)
-                        if pool is None:
-                            pool = index.model_pools[key] = Pool()
+                    key = _model_key(model)
+                    pool = index.model_pools.get(key)
+                    if pool is None:
+                        pool = index.model_pools[key] = Pool()
+                    if model != key:  # `llama3:latest` is listed under that name too
+                        index.model_pools.setdefault(model, pool)
+                    if pool not in slot.pools:
                         slot.pools.append(pool)
                 for pool in slot.pools:
                     pool.add(slot)
@@ -421,7 +433,7 @@ class Registry:
             return None
         if model is None or not index.model_pools:
             return index.pool
-        return index.model_pools.get(model) or index.model_pools.get(f"{model}:latest")
+        return index.model_pools.get(_model_key(model))
 
     def models(self, service: str) -> list[str]:
         index = self._services.get(service)
@@ -515,7 +527,8 @@ class Registry:
 
     def views(self, records: Iterable[WorkerRecord] | None = None) -> list[WorkerRecordView]:
         now = self.clock()
-        return [r.view(self.strike_limit, now) for r in (records or self._workers.values())]
+        chosen = self._workers.values() if records is None else records
+        return [r.view(self.strike_limit, now) for r in chosen]
 
 
 def _max_util(gpus: list[GpuLoad]) -> float | None:

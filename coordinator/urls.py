@@ -74,8 +74,17 @@ def validate_tunnel_url(
     if port is not None:
         raise InvalidTunnelURL("tunnel_url must not name a port")
     labels = host.split(".")
+    if len(host) > 253:
+        raise InvalidTunnelURL("tunnel_url host is longer than a DNS name (253 characters)")
     if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
         raise InvalidTunnelURL("tunnel_url host is not a valid DNS name")
     if not any(_suffix_matches(host, s) for s in allowed_suffixes):
         raise InvalidTunnelURL("tunnel_url host is not under an allowed suffix")
     return f"https://{host}"
+
+
+def origin_key(url: str) -> tuple[str, str, int]:
+    """``(scheme, host, port)`` of a validated tunnel origin, for connection pooling."""
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    return scheme, parts.hostname or "", parts.port or (443 if scheme == "https" else 80)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -18,6 +19,11 @@ from coordinator.protocol import GATEWAY_KEY_HEADER, REQUEST_ID_HEADER
 from coordinator.settings import CoordinatorSettings
 
 GATEWAY_KEY = "gateway-key-for-tests-0123456789"
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[[], Any]]:
+    """Run every async test on uvloop, the loop the coordinator and agent use in production."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> CoordinatorSettings:

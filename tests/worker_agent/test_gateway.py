@@ -1,0 +1,243 @@
+"""The local service gateway over real HTTP: key check, routing, streaming, errors, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from coordinator.protocol import GATEWAY_KEY_HEADER
+from tests.worker_agent.conftest import Site, agent_settings, free_port
+from worker_agent.backends import Backends
+from worker_agent.gateway import Gateway
+
+KEY = "gateway-key-0123456789-abcdefghij"
+SiteFactory = Callable[..., Awaitable[Site]]
+
+
+class Gw:
+    def __init__(self, gateway: Gateway, http: aiohttp.ClientSession) -> None:
+        self.gateway = gateway
+        self.http = http
+        self.url = f"http://127.0.0.1:{gateway.port}"
+
+    def request(self, method: str, path: str, key: str | None = KEY, **kw: Any) -> Any:
+        headers = dict(kw.pop("headers", {}))
+        if key is not None:
+            headers[GATEWAY_KEY_HEADER] = key
+        return self.http.request(method, self.url + path, headers=headers, **kw)
+
+
+@pytest.fixture
+async def gw_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Gw]]]:
+    made: list[tuple[Gateway, aiohttp.ClientSession]] = []
+
+    async def factory(services: str = "", **overrides: Any) -> Gw:
+        settings = agent_settings(tmp_path, services=services, **overrides)
+        backends = Backends(settings)
+        gateway = Gateway(settings, backends, KEY, lambda: "w-test")
+        gateway.assigned = frozenset(backends.by_name)
+        await gateway.start("127.0.0.1", 0)
+        http = aiohttp.ClientSession(auto_decompress=False)
+        made.append((gateway, http))
+        return Gw(gateway, http)
+
+    yield factory
+    for gateway, http in made:
+        await http.close()
+        await gateway.close()
+
+
+async def test_health_is_open_and_services_need_the_key(gw_factory: Any) -> None:
+    gw = await gw_factory()
+    async with gw.request("GET", "/health", key=None) as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"status": "ok", "worker_id": "w-test", "state": "active"}
+    for key in (None, "", "wrong", KEY[:-1], KEY + "x"):
+        async with gw.request("GET", "/service/echo/x", key=key) as resp:
+            assert resp.status == 401
+            body = await resp.json()
+            assert body["error"] == "unauthorized"
+            assert body["hop"] == "worker"
+
+
+async def test_echo_answers_what_it_received_without_the_key(gw_factory: Any) -> None:
+    gw = await gw_factory()
+    async with gw.request(
+        "PUT",
+        "/service/echo/a/b%2Fc?q=1&q=2",
+        data=b"z" * 1234,
+        headers={"X-Request-Id": "rid-1", "X-Rma-Other": "internal", "X-Mine": "1"},
+    ) as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Request-Id"] == "rid-1"
+        echo = await resp.json()
+    assert echo["method"] == "PUT"
+    assert echo["path"] == "/a/b%2Fc"
+    assert echo["query"] == "q=1&q=2"
+    assert echo["body_bytes"] == 1234
+    assert echo["worker_id"] == "w-test"
+    assert echo["headers"]["X-Mine"] == "1"
+    assert not any(k.lower().startswith("x-rma-") for k in echo["headers"])
+    assert KEY not in str(echo)
+
+
+async def test_unassigned_unknown_and_bad_paths_are_json_4xx(
+    gw_factory: Any, site_factory: SiteFactory
+) -> None:
+    backend = await site_factory()
+    gw = await gw_factory(services=f"stream={backend.url}")
+    gw.gateway.assigned = frozenset({"echo"})  # the coordinator did not assign "stream"
+    for path in ("/service/stream/x", "/service/nope/x", "/service/echoes"):
+        async with gw.request("GET", path) as resp:
+            assert resp.status == 404, path
+            assert (await resp.json())["error"] == "service_not_assigned"
+    async with gw.http.get(
+        URL(f"{gw.url}/service/echo/%2e%2e/secret", encoded=True),
+        headers={GATEWAY_KEY_HEADER: KEY},
+    ) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"] == "invalid_path"
+    async with gw.request("GET", "/elsewhere") as resp:
+        assert resp.status == 404
+        assert (await resp.json())["error"] == "not_found"
+    async with gw.request("POST", "/health") as resp:
+        assert resp.status == 405
+        assert (await resp.json())["error"] == "method_not_allowed"
+    assert backend.seen == []
+
+
+async def test_forwarding_keeps_method_path_query_and_drops_hop_headers(
+    gw_factory: Any, site_factory: SiteFactory
+) -> None:
+    backend = await site_factory()
+    gw = await gw_factory(services=f"stream={backend.url}")
+    async with gw.request(
+        "POST",
+        "/service/stream/v1/chat/completions?stream=true&x=%20y",
+        json={"model": "m", "messages": []},
+        headers={
+            "X-Request-Id": "rid-9",
+            "Connection": "keep-alive, X-Drop-Me",
+            "X-Drop-Me": "1",
+            "Keep-Alive": "timeout=5",
+            "X-Kept": "yes",
+        },
+    ) as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Backend"] == "stream"
+        assert "X-Hop" not in resp.headers  # named by the backend's Connection header
+        assert resp.headers["X-Request-Id"] == "rid-9"
+        body = await resp.json()
+    assert body["path"] == "/v1/chat/completions"
+    seen = backend.seen[-1]
+    assert seen["raw_path"] == "/v1/chat/completions?stream=true&x=%20y"
+    assert seen["headers"]["X-Kept"] == "yes"
+    assert seen["headers"]["X-Request-Id"] == "rid-9"
+    lowered = {k.lower() for k in seen["headers"]}
+    assert "x-drop-me" not in lowered
+    assert "keep-alive" not in lowered
+    assert GATEWAY_KEY_HEADER.lower() not in lowered
+    assert seen["body"].startswith(b'{"model"')
+
+    async with gw.request("HEAD", "/service/stream/plain") as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Backend"] == "stream"
+        assert await resp.read() == b""
+
+    # a request without an id gets one, carried to the backend and back
+    async with gw.request("GET", "/service/stream/plain") as resp:
+        rid = resp.headers["X-Request-Id"]
+    assert backend.seen[-1]["headers"]["X-Request-Id"] == rid
+
+
+async def test_sse_streams_token_by_token_and_bodies_stream_in(
+    gw_factory: Any, site_factory: SiteFactory
+) -> None:
+    backend = await site_factory()
+    gw = await gw_factory(services=f"stream={backend.url}")
+    arrivals = []
+    t0 = time.monotonic()
+    async with gw.request("POST", "/service/stream/stream?n=3&gap=0.3", json={}) as resp:
+        async for chunk in resp.content.iter_any():
+            arrivals.append((time.monotonic() - t0, chunk))
+    assert b"".join(c for _, c in arrivals).count(b"data: token-") == 3
+    assert arrivals[0][0] < 0.25
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"y" * 10_000
+            await asyncio.sleep(0.01)
+
+    async with gw.request("POST", "/service/stream/upload", data=body()) as resp:
+        assert (await resp.json())["body_bytes"] == 40_000
+
+    # compressed bodies pass through untouched
+    async with gw.request("GET", "/service/stream/gzip") as resp:
+        assert resp.headers["Content-Encoding"] == "gzip"
+        assert await resp.read() == b"\x1f\x8b-not-really-gzip"
+
+
+async def test_backend_down_is_502_json(gw_factory: Any) -> None:
+    gw = await gw_factory(services=f"down=http://127.0.0.1:{free_port()}")
+    async with gw.request("GET", "/service/down/x") as resp:
+        assert resp.status == 502
+        body = await resp.json()
+        assert body == {
+            "error": "backend_unreachable",
+            "detail": "'down' could not be reached",
+            "hop": "worker",
+        }
+
+
+async def test_backend_timeout_is_504_json(gw_factory: Any, site_factory: SiteFactory) -> None:
+    backend = await site_factory()
+    gw = await gw_factory(services=f"stream={backend.url}", backend_read_timeout=0.2)
+    async with gw.request("GET", "/service/stream/slow?s=1") as resp:
+        assert resp.status == 504
+        assert (await resp.json())["error"] == "backend_timeout"
+
+
+async def test_concurrency_limit_and_draining(gw_factory: Any, site_factory: SiteFactory) -> None:
+    backend = await site_factory()
+    gw = await gw_factory(services=f"stream={backend.url}", service_max_concurrency=1)
+    slow = asyncio.ensure_future(gw.request("GET", "/service/stream/slow?s=0.5").__aenter__())
+    await asyncio.sleep(0.15)
+    assert gw.gateway.in_flight == 1
+    async with gw.request("GET", "/service/stream/x") as resp:
+        assert resp.status == 503
+        assert (await resp.json())["error"] == "busy"
+        assert resp.headers["Retry-After"] == "1"
+    # Draining: new requests are refused, the in-flight one completes, then idle.
+    gw.gateway.draining = True
+    async with gw.request("GET", "/service/echo/x") as resp:
+        assert resp.status == 503
+        assert (await resp.json())["error"] == "draining"
+    assert await gw.gateway.wait_idle(2.0)
+    first = await slow
+    assert first.status == 200
+    first.release()
+    async with gw.request("GET", "/health", key=None) as resp:
+        assert (await resp.json())["state"] == "draining"
+
+
+async def test_gateway_falls_back_to_a_free_port_when_busy(tmp_path: Path) -> None:
+    settings = agent_settings(tmp_path)
+    first = Gateway(settings, Backends(settings), KEY, lambda: "a")
+    port = await first.start("127.0.0.1", 0)
+    second = Gateway(settings, Backends(settings), KEY, lambda: "b")
+    try:
+        other = await second.start("127.0.0.1", port)
+        assert other not in (0, port)
+        third = Gateway(settings, Backends(settings), KEY, lambda: "c")
+        with pytest.raises(OSError, match="address already in use"):
+            await third.start("127.0.0.1", port, fallback_to_free_port=False)
+    finally:
+        await first.close()
+        await second.close()
