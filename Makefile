@@ -13,9 +13,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-## run: a local federation on loopback (coordinator + demo echo worker on 127.0.0.1:8080)
+## run: a local federation on loopback (coordinator + this machine as a worker, 127.0.0.1:8080)
 run: $(STAMP)
-	$(BIN)/rma-coordinator demo
+	$(BIN)/rma-worker local
 
 ## test: lint, then every test
 test: lint pytest

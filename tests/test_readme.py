@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from coordinator.settings import CoordinatorSettings
+from worker_agent.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -22,6 +23,22 @@ def test_every_coordinator_setting_is_documented() -> None:
         if f"| `{name.upper()}` |" not in README
     ]
     assert missing == [], f"settings missing from the README configuration table: {missing}"
+
+
+def test_every_agent_setting_is_documented() -> None:
+    section = README.split("### Worker agent (`rma-worker`)", 1)[1]
+    missing = [
+        name.upper()
+        for name in WorkerSettings.model_fields
+        if f"| `{name.upper()}` |" not in section
+    ]
+    assert missing == [], f"agent settings missing from the README configuration table: {missing}"
+
+
+def test_make_run_is_the_embedded_local_federation() -> None:
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    run = makefile.split("\nrun:", 1)[1].split("\n\n", 1)[0]
+    assert "rma-worker local" in run
 
 
 def test_ci_runs_make_test() -> None:
