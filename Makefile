@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint pytest bench schemas clean
+.PHONY: run test lint pytest bench bench-tools schemas clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,8 +35,18 @@ schemas: $(STAMP)
 	$(BIN)/python -m coordinator.protocol --export coordinator/schemas
 
 ## bench: performance figures, written to bench/results.md
-bench: $(STAMP)
+bench: $(STAMP) bench-tools
 	$(BIN)/python -m bench.run
+
+# wrk and nginx are the peers the benchmarks measure against (Debian packages); installed when
+# missing and this user can, otherwise the figures that need them are skipped with a hint.
+bench-tools:
+	@if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -q wrk nginx-light >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null && apt-get install -y -q wrk nginx-light >/dev/null; }; \
+	  else echo "wrk/nginx missing: sudo apt-get install wrk nginx-light"; fi; \
+	fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
