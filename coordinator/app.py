@@ -13,6 +13,7 @@ from pathlib import Path
 
 import structlog
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from coordinator import __version__
 from coordinator.catalog import Catalog
@@ -24,8 +25,8 @@ from coordinator.protocol import (
     PROTOCOL_VERSION,
     HealthResponse,
     ServicesResponse,
+    WorkerHealth,
     WorkerHeartbeatRequest,
-    WorkerHeartbeatResponse,
     WorkerRegisterRequest,
     WorkerRegisterResponse,
     WorkersResponse,
@@ -73,6 +74,7 @@ class Coordinator:
         self.proxy = Proxy(self.registry, settings, self.metrics)
         self.metrics.bind(self.registry, lambda: self.proxy.in_flight)
         self.registry.on_removed = self._on_removed
+        self._register_bucket = _Bucket(settings.register_rate_limit)
         self._join = _secret(settings.worker_join_token)
         self._admin = _secret(settings.admin_token)
 
@@ -107,7 +109,9 @@ class Coordinator:
     # ------------------------------------------------------------------ control plane
 
     async def register(self, request: web.Request) -> web.Response:
-        body = await read_capped(request, self.settings.max_control_body)
+        body = await read_capped(
+            request, self.settings.max_control_body, self.settings.client_read_timeout
+        )
         if self._join is not None and not _matches(bearer(request), self._join):
             self.metrics.registrations.labels("unauthorized").inc()
             return json_error(
@@ -115,6 +119,14 @@ class Coordinator:
                 "unauthorized",
                 "registration needs the federation's join token (Authorization: Bearer ...)",
                 headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not self._register_bucket.take():
+            self.metrics.registrations.labels("shed").inc()
+            return json_error(
+                503,
+                "register_busy",
+                "too many registrations right now; retry after the Retry-After delay",
+                headers={"Retry-After": str(self.settings.retry_after)},
             )
         req = parse_model(WorkerRegisterRequest, body)
         self._check_version(req.protocol_version)
@@ -139,7 +151,7 @@ class Coordinator:
             "worker_registered",
             worker_id=record.worker_id,
             worker_type=record.worker_type,
-            services=list(record.offers),
+            services=list(record.slots),
             assigned=record.assigned,
             replaced=reg.replaced,
         )
@@ -154,7 +166,9 @@ class Coordinator:
         return _json(reply.model_dump_json(), status=200)
 
     async def heartbeat(self, request: web.Request) -> web.Response:
-        body = await read_capped(request, self.settings.max_control_body)
+        body = await read_capped(
+            request, self.settings.max_control_body, self.settings.client_read_timeout
+        )
         beat = parse_model(WorkerHeartbeatRequest, body)
         self._check_version(beat.protocol_version)
         if beat.coordinator_id is not None and beat.coordinator_id != self.coordinator_id:
@@ -175,14 +189,14 @@ class Coordinator:
             return json_error(401, "unauthorized", str(exc), headers={"WWW-Authenticate": "Bearer"})
         self.registry.heartbeat(record, beat)
         self.metrics.heartbeat_ok()
-        reply = WorkerHeartbeatResponse(
-            worker_id=record.worker_id,
-            coordinator_id=self.coordinator_id,
-            state=record.health(self.registry.strike_limit),
-            assigned_services=record.assigned,
-            heartbeat_interval=self.settings.heartbeat_interval,
+        reply = heartbeat_reply(
+            record.worker_id,
+            self.coordinator_id,
+            record.health(self.registry.strike_limit),
+            record.assigned,
+            self.settings.heartbeat_interval,
         )
-        return _json(reply.model_dump_json())
+        return web.Response(body=reply, headers=_JSON_HEADERS)
 
     async def unregister(self, request: web.Request) -> web.Response:
         worker_id = request.match_info["worker_id"]
@@ -309,7 +323,9 @@ def create_app(
     app = web.Application(
         middlewares=[error_middleware],
         client_max_size=max(settings.max_model_sniff_body, settings.max_control_body),
-        handler_args={"max_field_size": 16_384},
+        # keepalive_timeout also bounds the time to send request headers (slowloris): aiohttp
+        # closes a connection still waiting for a complete request when it fires.
+        handler_args={"max_field_size": 16_384, "keepalive_timeout": settings.client_read_timeout},
     )
     app[COORDINATOR] = coordinator
     app.cleanup_ctx.append(coordinator.lifecycle)
@@ -346,6 +362,27 @@ def load_coordinator_id(state_dir: Path) -> str:
     return value
 
 
+class _Bucket:
+    """A token bucket of ``rate`` per second (burst: one second's worth); rate 0 never refuses."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self.tokens = self.capacity
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        if self.rate <= 0:
+            return True
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
 def _new_worker_id() -> str:
     return f"w-{secrets.token_hex(6)}"
 
@@ -362,6 +399,29 @@ def _matches(presented: str | None, expected: bytes) -> bool:
 
 def _token_ok(record: WorkerRecord, token: str | None) -> bool:
     return token_matches(token, record.token_hash)
+
+
+_JSON_HEADERS = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json"}))
+
+
+def heartbeat_reply(
+    worker_id: str,
+    coordinator_id: str,
+    state: WorkerHealth,
+    assigned: list[str],
+    heartbeat_interval: float,
+) -> bytes:
+    """``WorkerHeartbeatResponse`` as JSON, written directly (the hottest control-plane answer).
+
+    Every string in it is pattern-checked (ids, service names) or a literal, so none needs
+    escaping; a test holds it equal to the model's own serialisation.
+    """
+    services = ",".join(f'"{name}"' for name in assigned)
+    return (
+        f'{{"ok":true,"worker_id":"{worker_id}","coordinator_id":"{coordinator_id}",'
+        f'"state":"{state}","assigned_services":[{services}],'
+        f'"heartbeat_interval":{heartbeat_interval!r}}}'
+    ).encode()
 
 
 def _json(text: str, status: int = 200) -> web.Response:

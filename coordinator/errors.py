@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, TypeVar
 
@@ -39,21 +40,27 @@ class BadRequest(Exception):
         self.response = response
 
 
-async def read_capped(request: web.Request, limit: int) -> bytes:
-    """The request body, or :class:`BadRequest` (413) if it exceeds ``limit`` bytes."""
+async def read_capped(request: web.Request, limit: int, limit_s: float | None = None) -> bytes:
+    """The request body, or :class:`BadRequest`: 413 over ``limit`` bytes, 408 after ``limit_s``."""
     declared = request.content_length
     if declared is not None and declared > limit:
         raise BadRequest(json_error(413, "body_too_large", f"at most {limit} bytes"))
     chunks: list[bytes] = []
     size = 0
-    while True:
-        chunk = await request.content.readany()
-        if not chunk:
-            break
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(json_error(413, "body_too_large", f"at most {limit} bytes"))
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(limit_s):
+            while True:
+                chunk = await request.content.readany()
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    raise BadRequest(json_error(413, "body_too_large", f"at most {limit} bytes"))
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BadRequest(
+            json_error(408, "request_timeout", f"the body took longer than {limit_s} s"),
+        ) from None
     return b"".join(chunks)
 
 
@@ -73,5 +80,9 @@ def bearer(request: web.Request) -> str | None:
     value = request.headers.get("Authorization", "")
     scheme, _, token = value.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
+        return None
+    try:
+        token.encode("utf-8")
+    except UnicodeEncodeError:  # raw non-UTF-8 bytes in the header: no token of ours
         return None
     return token.strip()

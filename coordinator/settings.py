@@ -71,7 +71,20 @@ class CoordinatorSettings(BaseSettings):
     max_model_sniff_body: int = Field(
         default=1024 * 1024, ge=0, description="JSON bodies up to this size are read for 'model'"
     )
+    client_read_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Slowloris bound: seconds a client may take to send its request headers "
+        "(or a control-plane body), and may idle on a keep-alive connection",
+    )
     max_workers: int = Field(default=200_000, ge=1, description="Registry capacity")
+    register_rate_limit: float = Field(
+        default=0.0,
+        ge=0,
+        description="Registrations per second accepted (burst of one second's worth); beyond, "
+        "503 + Retry-After sheds a thundering herd (0: unlimited)",
+    )
     max_inflight: int = Field(
         default=180, ge=1, description="Proxied requests in flight, all workers together"
     )

@@ -33,10 +33,21 @@ MAX_REPLY = 4 * 1024 * 1024
 
 
 class ControlError(Exception):
-    def __init__(self, message: str, *, status: int = 0, code: str = "") -> None:
+    def __init__(
+        self, message: str, *, status: int = 0, code: str = "", retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        #: Seconds the other side asked us to wait (``Retry-After`` on a 503 or 429).
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in delta-seconds (the HTTP-date form is ignored), capped at one hour."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return min(float(value.strip()), 3600.0)
 
 
 class Unreachable(ControlError):
@@ -93,6 +104,7 @@ class ControlClient:
             ) as resp:
                 raw = await resp.content.read(MAX_REPLY)
                 status = resp.status
+                retry_after = _retry_after(resp.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Unreachable(f"{method} {where}: {type(exc).__name__}: {exc}") from None
         if status >= 500 or status == 429 or 300 <= status < 400:
@@ -101,6 +113,7 @@ class ControlClient:
                 f"{method} {where}: HTTP {status} {code} {detail}".rstrip(),
                 status=status,
                 code=code,
+                retry_after=retry_after if status in (429, 503) else None,
             )
         if status >= 400:
             code, detail = _error_of(raw)

@@ -96,7 +96,12 @@ class Gateway:
     # ------------------------------------------------------------------ lifecycle
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], handler_args={"max_field_size": 16_384})
+        # keepalive_timeout also bounds the time to send request headers (slowloris).
+        handler_args = {
+            "max_field_size": 16_384,
+            "keepalive_timeout": self.settings.gateway_read_timeout,
+        }
+        app = web.Application(middlewares=[self._errors], handler_args=handler_args)
         app.router.add_get("/health", self.health)
         app.router.add_route("*", "/service/{name}", self.service)
         app.router.add_route("*", "/service/{name}/{tail:.*}", self.service)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -42,9 +43,21 @@ async def retry_forever(
             error_type=type(exc).__name__ if exc else None,
         )
 
+    backoff = wait_exponential_jitter(multiplier=initial, max=maximum, jitter=initial)
+
+    def wait(state: RetryCallState) -> float:
+        # The other side's Retry-After (a shedding coordinator's 503) is a floor on the backoff,
+        # spread over [asked, 1.5 * asked] so that a shed crowd does not come back all at once.
+        exc = state.outcome.exception() if state.outcome else None
+        asked = getattr(exc, "retry_after", None)
+        delay = backoff(state)
+        if isinstance(asked, int | float) and asked > 0:
+            delay = max(delay, float(asked) * (1.0 + random.random() / 2))  # noqa: S311
+        return delay
+
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(retry_on),
-        wait=wait_exponential_jitter(multiplier=initial, max=maximum, jitter=initial),
+        wait=wait,
         before_sleep=before_sleep,
         reraise=True,
     )

@@ -71,6 +71,14 @@ class WorkerSettings(BaseSettings):
         default=190, ge=1, le=10_000, description="Requests in flight at the gateway (503 beyond)"
     )
 
+    gateway_read_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Slowloris bound: seconds a client may take to send request headers to the "
+        "gateway, and may idle on a keep-alive connection",
+    )
+
     # Services
     services: str = Field(
         default="",
