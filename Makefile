@@ -29,6 +29,9 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/python -m coordinator.protocol --export /tmp/rma-schemas-check >/dev/null
 	diff -r coordinator/schemas /tmp/rma-schemas-check
+	$(BIN)/hadolint docker/worker.Dockerfile docker/coordinator.Dockerfile
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec edge-coordinator.yml deploy/compose/*.yml
+	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 
 ## schemas: re-export the wire contract's JSON Schemas into coordinator/schemas
 schemas: $(STAMP)
