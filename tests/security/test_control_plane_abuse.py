@@ -50,7 +50,9 @@ async def test_register_someone_elses_id_is_refused(
     url = f"{fed.url}/api/worker/register"
     hijack = register_body("http://127.0.0.1:9", worker_id="w-legit")
     for token in (None, "x" * 43, fed.worker["worker_token"][:-1] + "A"):
-        status, body = await _post(http, url, {**hijack, "worker_token": token} if token else hijack)
+        status, body = await _post(
+            http, url, {**hijack, "worker_token": token} if token else hijack
+        )
         assert (status, body["error"]) == (403, "forbidden"), body
     _same(before, await fed.snapshot(http))
 
