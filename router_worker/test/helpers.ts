@@ -76,7 +76,13 @@ export class FakeNet {
       const handler = this.handlers.get(origin);
       if (handler === undefined) {
         // A real connection attempt: loopback port 1 refuses it (ECONNREFUSED) inside workerd.
-        if (origin.startsWith("http://127.0.0.1:1")) return this.real("http://127.0.0.1:1/");
+        if (origin === "http://127.0.0.1:1") {
+          try {
+            return await this.real("http://127.0.0.1:1/");
+          } catch (err) {
+            throw new TypeError(`connect to 127.0.0.1:1 failed: ${String(err)}`);
+          }
+        }
         throw new TypeError(`Network connection lost (no route to ${origin})`);
       }
       const body = req.method === "GET" || req.method === "HEAD" ? "" : await req.clone().text();
