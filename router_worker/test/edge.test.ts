@@ -70,7 +70,7 @@ describe("POST /api/edge/register", () => {
 
   it("needs FEDERATION_JOIN_TOKEN when it is set", async () => {
     const r = router({ FEDERATION_JOIN_TOKEN: "join-token-0123456789" });
-    for (const headers of [{}, { Authorization: "Bearer nope" }, { Authorization: "Basic join-token-0123456789" }]) {
+    for (const headers of [{}, { Authorization: "Bearer nope" }, { Authorization: "Basic join-token-0123456789" }] as Record<string, string>[]) {
       const resp = await register(r, "coord-a", URL_A, CF_LONDON, {}, headers);
       expect(resp.status).toBe(401);
       expect(resp.headers.get("WWW-Authenticate")).toBe("Bearer");
@@ -290,14 +290,14 @@ describe("registry lifecycle", () => {
     await runInDurableObject(r.stub(), (o: Registry) => {
       o.load(); // what the constructor does after an eviction from memory
     });
-    let list = (await (await r.call("/api/coordinators")).json()) as { coordinators: { services: unknown[] }[] };
+    let list = (await (await r.call("/api/coordinators")).json()) as { coordinators: { services: unknown[]; coordinator_id: string }[] };
     expect(list.coordinators.map((c) => c.services)).toEqual([[], []]);
     expect((await beat(r, secretA, edgeBeat("coord-a"))).status).toBe(200);
     await runInDurableObject(r.stub(), (o: Registry) => {
       o.clock = () => t0 + 31_000;
     });
     await runDurableObjectAlarm(r.stub());
-    list = (await (await r.call("/api/coordinators")).json()) as { coordinators: { coordinator_id: string }[] };
+    list = (await (await r.call("/api/coordinators")).json()) as typeof list;
     expect(list.coordinators.map((c) => c.coordinator_id)).toEqual(["coord-a"]);
   });
 });
