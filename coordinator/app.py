@@ -13,7 +13,6 @@ from pathlib import Path
 
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from coordinator import __version__
 from coordinator.catalog import Catalog
@@ -196,7 +195,7 @@ class Coordinator:
             record.assigned,
             self.settings.heartbeat_interval,
         )
-        return web.Response(body=reply, headers=_JSON_HEADERS)
+        return web.Response(body=reply, content_type="application/json")
 
     async def unregister(self, request: web.Request) -> web.Response:
         worker_id = request.match_info["worker_id"]
@@ -399,9 +398,6 @@ def _matches(presented: str | None, expected: bytes) -> bool:
 
 def _token_ok(record: WorkerRecord, token: str | None) -> bool:
     return token_matches(token, record.token_hash)
-
-
-_JSON_HEADERS = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json"}))
 
 
 def heartbeat_reply(

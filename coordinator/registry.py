@@ -77,16 +77,15 @@ class WorkerRecord:
     """One registered worker. Never serialised with its secrets."""
 
     __slots__ = (
+        "_caps",
         "agent_version",
         "assigned",
-        "capabilities",
         "cpu_pct",
         "gateway_key",
         "gpu_util",
         "in_flight",
         "last_beat",
         "missed",
-        "offers",
         "origin",
         "registered_at",
         "reported_active",
@@ -107,7 +106,6 @@ class WorkerRecord:
         tunnel_url: str,
         gateway_key: str | None,
         capabilities: Capabilities,
-        offers: dict[str, ServiceOffer],
         agent_version: str | None,
         now: float,
     ) -> None:
@@ -117,8 +115,9 @@ class WorkerRecord:
         self.tunnel_url = tunnel_url
         self.origin = origin_key(tunnel_url)
         self.gateway_key = gateway_key
-        self.capabilities = capabilities
-        self.offers = offers
+        # Kept compact (the JSON of its non-default fields): a validated pydantic model costs
+        # about 1.5 KiB per worker, and only the admin views read it back.
+        self._caps = capabilities.model_dump_json(exclude_defaults=True).encode()
         self.agent_version = agent_version
         self.assigned: list[str] = []
         self.slots: dict[str, Slot] = {}
@@ -131,6 +130,15 @@ class WorkerRecord:
         self.gpu_util: float | None = None
         self.last_beat = now
         self.registered_at = time.time()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities.model_validate_json(self._caps)
+
+    @property
+    def offers(self) -> dict[str, ServiceOffer]:
+        """The services the worker offers, by canonical name (built from its slots)."""
+        return {name: slot.offer() for name, slot in self.slots.items()}
 
     def health(self, strike_limit: int) -> WorkerHealth:
         if self.missed or self.strikes >= strike_limit:
@@ -148,7 +156,7 @@ class WorkerRecord:
             state=self.health(strike_limit),
             tunnel_url=self.tunnel_url,
             capabilities=self.capabilities,
-            services=list(self.offers.values()),
+            services=[slot.offer() for slot in self.slots.values()],
             assigned_services=list(self.assigned),
             in_flight=self.in_flight,
             reported_active_requests=self.reported_active,
@@ -239,8 +247,7 @@ class Registry:
         worker_id = req.worker_id or new_id()
         offers: dict[str, ServiceOffer] = {}
         for offer in req.services:
-            name = self.catalog.canonical(offer.name)
-            offers[name] = offer.model_copy(update={"name": name}) if name != offer.name else offer
+            offers[self.catalog.canonical(offer.name)] = offer
         record = WorkerRecord(
             worker_id=worker_id,
             token_hash=hash_token(token),
@@ -248,7 +255,6 @@ class Registry:
             tunnel_url=tunnel_url,
             gateway_key=req.gateway_key,
             capabilities=req.capabilities,
-            offers=offers,
             agent_version=req.agent_version,
             now=self.clock(),
         )
@@ -260,9 +266,11 @@ class Registry:
         self._workers[worker_id] = record
         self._alive[worker_id] = record
         for name, offer in offers.items():
-            record.slots[name] = Slot(record, name, offer.max_concurrency)
+            record.slots[name] = Slot(
+                record, name, offer.max_concurrency, offer.status, tuple(offer.models)
+            )
             self._index(name).offered += 1
-        self._assign(record)
+        self._assign(record, req.capabilities)
         self._route(record)
         for spec in gaps:
             self._fill_gap(spec)
@@ -294,17 +302,16 @@ class Registry:
             self._alive.move_to_end(wid)
         for health in beat.services:
             name = self.catalog.canonical(health.name)
-            offer = record.offers.get(name)
-            if offer is None:
+            slot = record.slots.get(name)
+            if slot is None:
                 continue
-            models_changed = health.models is not None and health.models != offer.models
-            if offer.status != health.status or models_changed:
-                update: dict[str, object] = {"status": health.status}
+            models = health.models
+            models_changed = models is not None and tuple(models) != slot.models
+            if slot.status != health.status or models_changed:
+                slot.status = health.status
                 if models_changed:
-                    update["models"] = health.models
-                record.offers[name] = offer.model_copy(update=update)
-                if models_changed:
-                    self._unroute_slot(record.slots[name])
+                    self._unroute_slot(slot)
+                    slot.models = tuple(models or ())
                 changed = True
         if changed:
             self._route(record)
@@ -327,7 +334,7 @@ class Registry:
         for slot in record.slots.values():
             self._unroute_slot(slot)
         gaps = []
-        for name in record.offers:
+        for name in record.slots:
             index = self._services[name]
             index.offered -= 1
             index.waiting.pop(wid, None)
@@ -337,7 +344,7 @@ class Registry:
             spec = self.catalog.get(name)
             if spec is not None and index.assigned < spec.target_replicas:
                 gaps.append(spec)
-        for name in [n for n in record.offers if self._services[n].offered == 0]:
+        for name in [n for n in record.slots if self._services[n].offered == 0]:
             index = self._services[name]
             if index.pool.size == 0 and not index.waiting:
                 del self._services[name]
@@ -354,12 +361,12 @@ class Registry:
             index = self._services[name] = _ServiceIndex()
         return index
 
-    def _assign(self, record: WorkerRecord) -> None:
+    def _assign(self, record: WorkerRecord, capabilities: Capabilities) -> None:
         """Assign the offered services the worker is fit for: gaps first, then by priority."""
         fit: list[ServiceSpec] = []
-        for name in record.offers:
+        for name in record.slots:
             spec = self.catalog.get(name)
-            if spec is not None and spec.fits(record.worker_type, record.capabilities):
+            if spec is not None and spec.fits(record.worker_type, capabilities):
                 fit.append(spec)
 
         def order(spec: ServiceSpec) -> tuple[int, int, int]:
@@ -395,11 +402,11 @@ class Registry:
         """Attach or detach each slot of the worker according to its health and status."""
         routable = record.health(self.strike_limit) == "active"
         for name, slot in record.slots.items():
-            want = routable and name in record.assigned and record.offers[name].status == "ready"
+            want = routable and name in record.assigned and slot.status == "ready"
             if want and not slot.pools:
                 index = self._index(name)
                 slot.pools.append(index.pool)
-                for model in record.offers[name].models:
+                for model in slot.models:
                     key = _model_key(model)
                     pool = index.model_pools.get(key)
                     if pool is None:

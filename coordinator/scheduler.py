@@ -13,7 +13,7 @@ import random
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from coordinator.protocol import MAX_CONCURRENCY_CAP
+from coordinator.protocol import MAX_CONCURRENCY_CAP, ServiceOffer, ServiceStatus
 
 if TYPE_CHECKING:
     from coordinator.registry import WorkerRecord
@@ -58,16 +58,34 @@ class IndexedSet(Generic[T]):
 
 
 class Slot:
-    """One worker's offer of one service, with the coordinator's in-flight count for it."""
+    """One worker's offer of one service (status, models), with its in-flight count."""
 
-    __slots__ = ("in_flight", "max_concurrency", "pools", "service", "worker")
+    __slots__ = ("in_flight", "max_concurrency", "models", "pools", "service", "status", "worker")
 
-    def __init__(self, worker: WorkerRecord, service: str, max_concurrency: int) -> None:
+    def __init__(
+        self,
+        worker: WorkerRecord,
+        service: str,
+        max_concurrency: int,
+        status: ServiceStatus = "ready",
+        models: tuple[str, ...] = (),
+    ) -> None:
         self.worker = worker
         self.service = service
         self.max_concurrency = min(max_concurrency, MAX_CONCURRENCY_CAP)
+        self.status: ServiceStatus = status
+        self.models = models
         self.in_flight = 0
         self.pools: list[Pool] = []  # pools this slot is attached to (empty: not routable)
+
+    def offer(self) -> ServiceOffer:
+        """The offer as the wire contract shows it (canonical service name)."""
+        return ServiceOffer.model_construct(
+            name=self.service,
+            status=self.status,
+            models=list(self.models),
+            max_concurrency=self.max_concurrency,
+        )
 
     @property
     def full(self) -> bool:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
 
+from coordinator.app import heartbeat_reply
+from coordinator.protocol import WorkerHealth, WorkerHeartbeatResponse
 from tests.conftest import BackendFactory, Fed
 
 
@@ -333,3 +336,27 @@ async def test_registry_full(fed_factory: Any, backend_factory: BackendFactory) 
     )
     assert resp.status == 503
     assert (await resp.json())["error"] == "registry_full"
+
+
+@pytest.mark.parametrize(
+    ("state", "assigned", "interval"),
+    [
+        ("active", ["echo"], 15.0),
+        ("suspect", [], 0.1),
+        ("draining", ["llm-inference", "vision-ocr", "a.b_c-1"], 1e-05),
+        ("active", ["echo"], 3600),
+    ],
+)
+def test_heartbeat_reply_matches_the_model(
+    state: WorkerHealth, assigned: list[str], interval: float
+) -> None:
+    fast = heartbeat_reply("w-1.a_b", "coord-x", state, assigned, interval)
+    model = WorkerHeartbeatResponse(
+        worker_id="w-1.a_b",
+        coordinator_id="coord-x",
+        state=state,
+        assigned_services=assigned,
+        heartbeat_interval=interval,
+    )
+    assert json.loads(fast) == json.loads(model.model_dump_json())
+    assert WorkerHeartbeatResponse.model_validate_json(fast) == model
