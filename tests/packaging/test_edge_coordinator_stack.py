@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.e2e.conftest import Router, start_router
 from tests.packaging.compose_local import (
     FAKE_CLOUDFLARED,
     ROOT,
@@ -256,6 +257,112 @@ async def test_named_tunnel_variant(
     assert token not in stack["tunnel"].log()
     assert token not in stack["edge-registrar"].log()
     await asyncio.to_thread(stack.down)
+
+
+async def _poll_json(
+    session: aiohttp.ClientSession, url: str, token: str | None = None
+) -> tuple[int, Any]:
+    """GET a JSON document, retrying while the process behind ``url`` is still starting."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    for _ in range(100):
+        try:
+            async with session.get(url, headers=headers) as resp:
+                return resp.status, await resp.json(content_type=None)
+        except aiohttp.ClientConnectionError:
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{url} never answered")
+
+
+@pytest.mark.timeout(240)
+async def test_edge_coordinator_stack_behind_the_real_router(
+    tmp_path: Path, stacks: list[LocalStack]
+) -> None:
+    """The whole path: the file's stack registers at the router under `wrangler dev`, a worker
+    joins through the router, and a public request through the router reaches it."""
+    join, admin = "federation-join-token-0123456789", "admin-token-0123456789abcdef"
+    router: Router = await asyncio.to_thread(
+        start_router,
+        tmp_path,
+        HEARTBEAT_INTERVAL_S="1",
+        SNAPSHOT_TTL_MS="200",
+        FEDERATION_JOIN_TOKEN=join,
+        ADMIN_TOKEN=admin,
+    )
+    worker: asyncio.subprocess.Process | None = None
+    try:
+        compose = load_compose(EDGE, {"ROUTER_URL": router.url, "FEDERATION_JOIN_TOKEN": join})
+        (tmp_path / "home").mkdir()
+        stack = build_stack(compose, tmp_path, extra_env=TEST_TIMINGS, base_env=base_env(tmp_path))
+        stacks.append(stack)
+        await asyncio.to_thread(stack.up)
+        tunnel = stack["tunnel"]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
+            _, quick = await _poll_json(session, f"{tunnel.url(20241)}/quicktunnel")
+            public_url = f"http://{quick['hostname']}"
+            _, health = await _poll_json(session, f"{stack['coordinator'].url(8080)}/health")
+            coordinator_id = health["coordinator_id"]
+
+            # Registered at the router, under its tunnel URL, and healthy (beating).
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while True:
+                _, listing = await _poll_json(session, f"{router.url}/api/coordinators", admin)
+                rows = [c for c in listing["coordinators"] if c["coordinator_id"] == coordinator_id]
+                if rows and rows[0]["healthy"]:
+                    break
+                assert loop.time() < deadline, (
+                    f"not registered: {listing}\n{stack['edge-registrar'].log()[-3000:]}"
+                    f"\n{router.tail()}"
+                )
+                await asyncio.sleep(0.2)
+            assert rows[0]["tunnel_url"] == public_url
+
+            # A contributor's worker registers through the router.
+            worker = await asyncio.create_subprocess_exec(
+                str(VENV_BIN / "rma-worker"),
+                "run",
+                env=compute_worker_env(tmp_path, router.url),
+                stdout=(tmp_path / "worker.log").open("wb"),
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+            # A public request through the router reaches it (once the coordinator's beat has
+            # told the router that echo has a ready worker).
+            deadline = loop.time() + 60
+            while True:
+                async with session.post(
+                    f"{router.url}/service/echo/v1/hello?x=1",
+                    data=b"payload",
+                    headers={"X-Request-Id": "req-packaging-router"},
+                ) as resp:
+                    status, body = resp.status, await resp.json(content_type=None)
+                if status == 200:
+                    break
+                assert worker.returncode is None, (tmp_path / "worker.log").read_text()
+                assert loop.time() < deadline, (
+                    f"{status} {body}\n{(tmp_path / 'worker.log').read_text()[-3000:]}"
+                    f"\n{router.tail()}"
+                )
+                await asyncio.sleep(0.3)
+            assert body["service"] == "echo"
+            assert body["query"] == "x=1"
+            assert body["body_bytes"] == len(b"payload")
+            assert body["request_id"] == "req-packaging-router"
+
+            # docker compose stop: the registrar deregisters the coordinator at the router.
+            worker.terminate()
+            await asyncio.wait_for(worker.wait(), 15)
+            assert await asyncio.to_thread(stack.stop, "edge-registrar") == 0
+            _, listing = await _poll_json(session, f"{router.url}/api/coordinators", admin)
+            ids = [c["coordinator_id"] for c in listing["coordinators"]]
+            assert coordinator_id not in ids
+    finally:
+        if worker is not None and worker.returncode is None:
+            worker.kill()
+            await worker.wait()
+        for stack in stacks:
+            await asyncio.to_thread(stack.down)
+        await asyncio.to_thread(router.stop)
 
 
 def test_stack_uses_this_interpreter() -> None:
