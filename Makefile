@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+ROUTER := router_worker
+ROUTER_STAMP := $(ROUTER)/node_modules/.stamp-npm
+ROUTER_ENV := WRANGLER_SEND_METRICS=false CLOUDFLARE_CF_FETCH_ENABLED=false
 
-.PHONY: run test lint pytest bench bench-tools schemas clean
+.PHONY: run test lint pytest bench bench-tools schemas clean router-deps router-lint router-test router-bench
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,12 +21,12 @@ run: $(STAMP)
 	$(BIN)/rma-worker local
 
 ## test: lint, then every test
-test: lint pytest
+test: lint pytest router-test
 
-pytest: $(STAMP)
+pytest: $(STAMP) $(ROUTER_STAMP)
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
+lint: $(STAMP) router-lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -53,3 +56,26 @@ bench-tools:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# ---------------------------------------------------------------------------------- router
+# The router Worker (router_worker/): `npm ci` when node_modules is missing or older than the
+# lockfile (stamp file), then `tsc --noEmit` and the vitest suite inside workerd.
+
+$(ROUTER_STAMP): $(ROUTER)/package.json $(ROUTER)/package-lock.json
+	cd $(ROUTER) && $(ROUTER_ENV) npm ci --no-audit --no-fund
+	@touch $(ROUTER_STAMP)
+
+## router-deps: install the router's pinned node_modules (npm ci)
+router-deps: $(ROUTER_STAMP)
+
+## router-lint: typecheck the router (tsc --noEmit)
+router-lint: $(ROUTER_STAMP)
+	cd $(ROUTER) && node_modules/.bin/tsc --noEmit
+
+## router-test: the router's vitest suite inside workerd
+router-test: router-lint
+	cd $(ROUTER) && $(ROUTER_ENV) node_modules/.bin/vitest run
+
+## router-bench: selection time over 1,000 coordinators (inside workerd)
+router-bench: $(ROUTER_STAMP)
+	cd $(ROUTER) && $(ROUTER_ENV) node_modules/.bin/vitest bench --run
