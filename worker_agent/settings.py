@@ -218,7 +218,14 @@ class WorkerSettings(BaseSettings):
             return None
         return _check_http_url(value.strip(), "URL setting")
 
-    @field_validator("worker_id", mode="before")
+    @field_validator(
+        "worker_id",
+        "worker_join_token",
+        "admin_token",
+        "federation_join_token",
+        "tunnel_token",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

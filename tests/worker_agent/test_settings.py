@@ -102,10 +102,15 @@ def test_empty_values_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COORDINATOR_URL", "")
     monkeypatch.setenv("WORKER_ID", "")
     monkeypatch.setenv("TUNNEL_URL", " ")
+    for secret in ("TUNNEL_TOKEN", "WORKER_JOIN_TOKEN", "ADMIN_TOKEN", "FEDERATION_JOIN_TOKEN"):
+        monkeypatch.setenv(secret, "")  # compose's `${TUNNEL_TOKEN:-}` and `TUNNEL_TOKEN=` lines
     s = WorkerSettings()
     assert s.coordinator_url == ""  # edge mode: standalone, no router
     assert s.worker_id is None
     assert s.tunnel_url is None
+    assert (s.tunnel_token, s.worker_join_token, s.admin_token) == (None, None, None)
+    assert s.federation_join_token is None
+    assert Tunnel.mode_for(s) == "quick"
 
 
 def test_probe_urls_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
