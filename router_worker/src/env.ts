@@ -61,7 +61,7 @@ function list(value: string | undefined, fallback: string[]): string[] {
 const HINTS = new Set(["wnam", "enam", "sam", "weur", "eeur", "apac", "oc", "afr", "me"]);
 
 export function config(env: Env): Config {
-  const interval = num(env.HEARTBEAT_INTERVAL_S, 15, 0.05, 3600);
+  const interval = num(env.HEARTBEAT_INTERVAL_S, 60, 0.05, 3600);
   const ttlS = num(env.COORDINATOR_TTL_S, 3 * interval, 0.05, 86_400);
   const hint = (env.REGISTRY_LOCATION_HINT ?? "weur").trim();
   return {

@@ -123,7 +123,8 @@ export class Registry extends DurableObject<Env> {
 
   private async arm(): Promise<void> {
     const cfg = this.cfg;
-    const every = Math.max(1000, Math.min(cfg.ttlMs, cfg.evictAfterMs / 2));
+    // Eviction only needs to be timely within EVICT_AFTER; routing ignores stale entries anyway.
+    const every = Math.max(1000, cfg.evictAfterMs / 2);
     await this.ctx.storage.setAlarm(this.clock() + every);
   }
 
