@@ -314,7 +314,8 @@ async def test_requests_stream_workers_join_and_failover(federation: dict[str, A
         took = time.monotonic() - killed_at
         # FAILOVER_AFTER missed beats, then one registration through the router (which may try
         # the dead coordinator first: a refused connection, then the survivor).
-        bound = (FAILOVER_AFTER + 2) * INTERVAL + 1.0
+        # (+ slack for a loaded 2-core CI machine; the measured figure is printed).
+        bound = (FAILOVER_AFTER + 2) * INTERVAL + 5.0
         print(f"failover: {len(on_victim)} workers re-registered {took:.2f} s after SIGKILL")
         assert took <= bound, (took, bound)
 
