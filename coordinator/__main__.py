@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 
 from aiohttp import web
@@ -73,16 +74,25 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(settings)
     from coordinator.app import create_app
 
-    app = create_app(settings)
-    web.run_app(
-        app,
-        host=settings.coordinator_host,
-        port=settings.coordinator_port,
-        access_log=None,
-        print=None,
-        shutdown_timeout=30,
-    )
+    asyncio.run(serve(create_app(settings), settings.coordinator_host, settings.coordinator_port))
     return 0
+
+
+async def serve(app: web.Application, host: str, port: int) -> None:
+    """Serve ``app`` behind the front door until SIGINT or SIGTERM, then shut down gracefully."""
+    from coordinator.frontdoor import FrontRunner
+
+    runner = FrontRunner(app, access_log=None, shutdown_timeout=30)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await web.TCPSite(runner, host, port).start()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 if __name__ == "__main__":

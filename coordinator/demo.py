@@ -22,6 +22,7 @@ import structlog
 from aiohttp import web
 
 from coordinator.app import create_app
+from coordinator.frontdoor import FrontRunner
 from coordinator.protocol import (
     GATEWAY_KEY_HEADER,
     REQUEST_ID_HEADER,
@@ -133,7 +134,7 @@ async def _demo_worker(coordinator_url: str, stop: asyncio.Event) -> None:
 
 async def _run(settings: CoordinatorSettings) -> None:
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None)
+    runner = FrontRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.coordinator_host, settings.coordinator_port).start()
     base = f"http://127.0.0.1:{settings.coordinator_port}"

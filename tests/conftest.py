@@ -9,12 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 
 from coordinator.app import COORDINATOR, Coordinator, create_app
+from coordinator.frontdoor import FrontRunner
 from coordinator.protocol import GATEWAY_KEY_HEADER, REQUEST_ID_HEADER
 from coordinator.settings import CoordinatorSettings
 
@@ -175,11 +178,24 @@ class Fed:
         )
 
 
+class FrontTestServer(TestServer):
+    """A test server with the coordinator's front door, as ``rma-coordinator`` serves."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return FrontRunner(self.app, **kwargs)
+
+
 @pytest.fixture
 def fed_factory(aiohttp_client: Any, tmp_path: Path) -> Callable[..., Awaitable[Fed]]:
     async def factory(**overrides: Any) -> Fed:
         app = create_app(make_settings(tmp_path, **overrides), coordinator_id="coord-test")
-        client = await aiohttp_client(app)
+        # A new connection per request: each one meets the front door's routing decision (a
+        # keep-alive connection moves to aiohttp after its first control-plane request;
+        # tests/coordinator/test_frontdoor.py covers keep-alive and that path).
+        client = await aiohttp_client(
+            FrontTestServer(app, host="127.0.0.1"),
+            connector=aiohttp.TCPConnector(force_close=True),
+        )
         return Fed(client, app[COORDINATOR])
 
     return factory

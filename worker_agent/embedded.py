@@ -6,6 +6,7 @@ import structlog
 from aiohttp import web
 
 from coordinator.app import create_app
+from coordinator.frontdoor import FrontRunner
 from coordinator.settings import CoordinatorSettings
 
 log = structlog.get_logger("worker_agent.embedded")
@@ -40,7 +41,7 @@ class EmbeddedCoordinator:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> str:
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=5.0)
+        self._runner = FrontRunner(self.app, access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(
             self._runner, self.settings.coordinator_host, self.settings.coordinator_port

@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 
 from coordinator.app import COORDINATOR, Coordinator, create_app
+from coordinator.frontdoor import FrontRunner
 from coordinator.protocol import (
     EdgeHeartbeatRequest,
     EdgeRegisterRequest,
@@ -178,7 +179,7 @@ class CoordinatorServer:
         self.app = create_app(
             coordinator_settings(self.tmp_path, **overrides), coordinator_id=self.coordinator_id
         )
-        self.runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=0.5)
+        self.runner = FrontRunner(self.app, access_log=None, shutdown_timeout=0.5)
         await self.runner.setup()
         await web.SockSite(self.runner, sock).start()
         return self

@@ -1,0 +1,946 @@
+"""The coordinator's front door: ``/service/...`` served without aiohttp's server machinery.
+
+aiohttp's request handling (request objects, routing, middlewares, response objects) costs
+about as much CPU per request as nginx spends proxying one, so no handler running inside it can
+proxy at half of nginx's rate. This module puts a small ``asyncio.Protocol`` on the
+coordinator's port. For each request it looks at the request line: a ``/service/...`` request
+is parsed with ``httptools`` and proxied here (same scheduling, header policy, retries, errors,
+metrics and streaming as :mod:`coordinator.proxy`); any other request hands the connection, with
+the bytes already read, to aiohttp's own protocol, which serves it and the rest of the
+connection unchanged.
+
+Limits of the hand-off: a keep-alive connection whose next request is not ``/service/...``
+moves to aiohttp for good (later proxied requests on it take aiohttp's path, with the same
+behaviour). A client that *pipelines* a non-proxy request right behind a proxied one in the
+same packet gets the proxied answers and then a closed connection (HTTP/1.1 allows a server to
+close; pipelining clients retry what was not answered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import time
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import unquote
+
+import httptools
+import structlog
+from aiohttp import web
+from aiohttp.web_server import Server
+
+from coordinator.errors import HOP
+from coordinator.protocol import GATEWAY_KEY_HEADER, INTERNAL_HEADER_PREFIX, REQUEST_ID_HEADER
+from coordinator.proxy import (
+    _BODY_METHODS,
+    _REPLACED_REQUEST,
+    _REPLACED_RESPONSE,
+    _REQUEST_ID,
+    _SMALL_BODY,
+    HOP_BY_HOP,
+    sniff_model,
+)
+from coordinator.upstream import (
+    ConnectFailed,
+    Disconnected,
+    ResponseTimeout,
+    UpstreamError,
+    UpstreamResponse,
+)
+
+if TYPE_CHECKING:
+    from coordinator.app import Coordinator
+    from coordinator.registry import WorkerRecord
+    from coordinator.scheduler import Slot
+
+log = structlog.get_logger("coordinator.proxy")
+
+_SERVICE = b"/service/"
+_MAX_LINE = 8190  # aiohttp's default request-line limit
+_MAX_FIELD = 16_384  # the app's max_field_size
+_MAX_HEAD = 64 * 1024
+_MAX_HEADERS = 128
+_BODY_BUFFER = 256 * 1024  # request body bytes buffered before reading from the client pauses
+_KEEPALIVE = 75.0  # aiohttp's default keep-alive timeout
+_HOP_B = frozenset(h.encode() for h in HOP_BY_HOP)
+_REPLACED_RESPONSE_B = frozenset(h.encode() for h in _REPLACED_RESPONSE)
+_REPLACED_REQUEST_B = frozenset(h.encode() for h in _REPLACED_REQUEST)
+_INTERNAL_B = INTERNAL_HEADER_PREFIX.encode()
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+def route_of(head: bytes) -> bool | None:
+    """Whether a request starting with ``head`` is for ``/service/...`` (None: need more bytes)."""
+    head = head.lstrip(b"\r\n")
+    end = head.find(b"\r\n")
+    line = head if end < 0 else head[:end]
+    space = line.find(b" ")
+    if space < 0:
+        return None if end < 0 and len(line) < 16 else False
+    target = line[space + 1 : space + 1 + len(_SERVICE)]
+    if len(target) < len(_SERVICE):
+        return None if end < 0 and _SERVICE.startswith(target) else False
+    return target == _SERVICE
+
+
+class _Divert(Exception):
+    """A pipelined request that is not ours: stop parsing this connection."""
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class _Request:
+    """One parsed request head and its streamed body."""
+
+    __slots__ = (
+        "body",
+        "buffered",
+        "chunked",
+        "connection",
+        "consumed",
+        "content_length",
+        "content_type",
+        "discard",
+        "done",
+        "expect",
+        "headers",
+        "http11",
+        "keep_alive",
+        "method",
+        "owner",
+        "target",
+        "waiter",
+    )
+
+    def __init__(
+        self,
+        owner: FrontProtocol,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        http11: bool,
+    ) -> None:
+        self.owner = owner
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.http11 = http11
+        self.body: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.consumed = 0
+        self.done = False
+        self.discard = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.content_length: int | None = None
+        self.chunked = False
+        self.content_type = ""
+        self.expect = False
+        self.connection: list[bytes] = []
+        for name, value in headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                try:
+                    self.content_length = int(value)
+                except ValueError:
+                    self.content_length = None
+            elif lower == b"transfer-encoding":
+                self.chunked = b"chunked" in value.lower()
+            elif lower == b"content-type":
+                self.content_type = value.split(b";", 1)[0].strip().decode("latin-1").lower()
+            elif lower == b"expect":
+                self.expect = value.strip().lower() == b"100-continue"
+            elif lower == b"connection":
+                self.connection.extend(t.strip().lower() for t in value.split(b","))
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    def header(self, name: bytes) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value.decode("latin-1")
+        return None
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def take(self) -> bytes | None:
+        """Buffered body bytes, ``b""`` when none yet, ``None`` at the end of the body."""
+        if self.body:
+            data = b"".join(self.body) if len(self.body) > 1 else self.body[0]
+            self.body.clear()
+            self.buffered = 0
+            self.consumed += len(data)
+            self.owner.body_drained()
+            return data
+        if self.done:
+            return None
+        if self.owner.lost:
+            raise ConnectionResetError("the client went away")
+        return b""
+
+    async def wait(self) -> None:
+        self.waiter = self.owner.loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    async def chunks(self) -> Any:
+        while True:
+            data = self.take()
+            if data is None:
+                return
+            if data:
+                yield data
+            else:
+                await self.wait()
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+
+class FrontServer:
+    """Protocol factory on the coordinator's port; wraps aiohttp's ``Server`` (the fallback)."""
+
+    def __init__(self, inner: Server, coordinator: Coordinator) -> None:
+        self.inner = inner
+        self.coordinator = coordinator
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[FrontProtocol] = set()
+        self.served = 0  # requests answered by the front door (tests and benches read it)
+
+    def __call__(self) -> FrontProtocol:
+        return FrontProtocol(self)
+
+    # The parts of aiohttp's Server interface that runners and sites use.
+    @property
+    def requests_count(self) -> int:
+        return self.inner.requests_count
+
+    def pre_shutdown(self) -> None:
+        self.inner.pre_shutdown()
+        for conn in list(self.connections):
+            if conn.task is None:
+                conn.close()
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (Server API)
+        await self.inner.shutdown(timeout)
+        tasks = [c.task for c in self.connections if c.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        for conn in list(self.connections):
+            if conn.task is not None:
+                conn.task.cancel()
+            conn.close()
+        self.connections.clear()
+
+
+class FrontProtocol(asyncio.Protocol):
+    """One client connection until it is handed to aiohttp (if ever)."""
+
+    def __init__(self, front: FrontServer) -> None:
+        self.front = front
+        self.loop = front.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.pending = b""  # bytes at a request boundary, before the routing decision
+        self.handoff_pending: bytes | None = None
+        self.in_message = False
+        self.parsing: _Request | None = None
+        self.queue: collections.deque[_Request] = collections.deque()
+        self.task: asyncio.Task[None] | None = None
+        self.lost = False
+        self.close_after = False
+        self.reading_paused = False
+        self.write_waiter: asyncio.Future[None] | None = None
+        self.can_write = True
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.peer = ""
+        self.local = ""
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+
+    # ---------------------------------------------------------------- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.front.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, tuple) else ""
+        sock = transport.get_extra_info("sockname")
+        if isinstance(sock, tuple):
+            self.local = f"{sock[0]}:{sock[1]}"
+        self._idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.front.connections.discard(self)
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        if self.task is not None:
+            self.task.cancel()
+        for req in (self.parsing, *self.queue):
+            if req is not None:
+                req.wake()
+        self.can_write = True
+        if self.write_waiter is not None and not self.write_waiter.done():
+            self.write_waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.can_write = False
+
+    def resume_writing(self) -> None:
+        self.can_write = True
+        if self.write_waiter is not None and not self.write_waiter.done():
+            self.write_waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        if self.handoff_pending is not None:
+            self.handoff_pending += data
+            return
+        if self.close_after:
+            return
+        if self.in_message:
+            self._feed(data)
+            return
+        buf = self.pending + data if self.pending else data
+        ours = route_of(buf)
+        if ours is None:
+            if len(buf) <= _MAX_LINE:
+                self.pending = buf
+                return
+            ours = False  # aiohttp answers an over-long request line
+        self.pending = b""
+        if ours:
+            self._feed(buf)
+        elif self.task is None:
+            self.handoff(buf)
+        else:  # a pipelined request for aiohttp: hand over once our answers are out
+            self.handoff_pending = buf
+            self._pause_reading()
+
+    # ---------------------------------------------------------------- parsing
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # Upgrade requests are proxied as plain requests (Upgrade is hop-by-hop); what
+            # follows on the connection is another protocol, so it closes after the answer.
+            if self.parsing is not None:
+                self.parsing.done = True
+                self.parsing.wake()
+                self.parsing = None
+            self.in_message = False
+            self._stop_reading()
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self._refuse(431, "headers_too_large", "the request head is too large")
+            else:  # _Divert: serve what is queued, then close
+                self._stop_reading()
+        except httptools.HttpParserError as exc:
+            self._refuse(400, "bad_request", f"invalid HTTP request: {exc}")
+
+    def _stop_reading(self) -> None:
+        self.close_after = True
+        self._pause_reading()
+        if self.task is None and self.transport is not None:
+            self.transport.close()
+
+    def _refuse(self, status: int, code: str, detail: str) -> None:
+        self.close_after = True
+        self._pause_reading()
+        if self.task is None:
+            self._write(_json_response(status, {"error": code, "detail": detail}, close=True))
+            self.close()
+        # else: the answer in progress finishes, then the connection closes
+
+    def on_message_begin(self) -> None:
+        self.in_message = True
+        self._url = b""
+        self._headers = []
+        self._head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > _MAX_LINE:
+            raise _HeadTooLarge
+        if len(self._url) >= len(_SERVICE) and not self._url.startswith(_SERVICE):
+            raise _Divert
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        if (
+            len(value) > _MAX_FIELD
+            or self._head_size > _MAX_HEAD
+            or len(self._headers) >= _MAX_HEADERS
+        ):
+            raise _HeadTooLarge
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if not self._url.startswith(_SERVICE):
+            raise _Divert
+        parser = self.parser
+        req = _Request(
+            self,
+            parser.get_method().decode("ascii", "replace"),
+            self._url,
+            self._headers,
+            parser.should_keep_alive(),
+            parser.get_http_version() == "1.1",
+        )
+        self.parsing = req
+        if self.task is None:
+            self.task = self.loop.create_task(self._serve(req))
+        else:
+            self.queue.append(req)
+
+    def on_body(self, body: bytes) -> None:
+        req = self.parsing
+        if req is None or req.discard:
+            return
+        req.body.append(body)
+        req.buffered += len(body)
+        if req.buffered > _BODY_BUFFER:
+            self._pause_reading()
+        req.wake()
+
+    def on_message_complete(self) -> None:
+        req = self.parsing
+        self.parsing = None
+        self.in_message = False
+        if req is not None:
+            req.done = True
+            req.wake()
+
+    # ---------------------------------------------------------------- flow control
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None and not self.lost:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.lost:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def body_drained(self) -> None:
+        if not self.close_after and self.handoff_pending is None:
+            self._resume_reading()
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.write(data)
+
+    async def _drain(self) -> None:
+        if self.can_write or self.lost:
+            return
+        self.write_waiter = self.loop.create_future()
+        try:
+            await self.write_waiter
+        finally:
+            self.write_waiter = None
+        if self.lost:
+            raise ConnectionResetError("the client went away")
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _idle(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        self.idle_timer = self.loop.call_later(_KEEPALIVE, self.close)
+
+    # ---------------------------------------------------------------- hand-off
+
+    def handoff(self, data: bytes) -> None:
+        """Give the connection, and ``data`` (read but not parsed), to aiohttp's protocol."""
+        transport = self.transport
+        assert transport is not None
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        self.front.connections.discard(self)
+        protocol = self.front.inner()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self.reading_paused:
+            self.reading_paused = False
+            transport.resume_reading()
+        if not self.can_write:
+            protocol.pause_writing()
+        if data:
+            protocol.data_received(data)
+
+    # ---------------------------------------------------------------- serving
+
+    async def _serve(self, req: _Request) -> None:
+        while True:
+            try:
+                await self._answer(req)
+            except (asyncio.CancelledError, ConnectionResetError):
+                self.task = None
+                self.close()
+                return
+            except Exception:
+                log.exception("internal_error", path=req.target.decode("latin-1"))
+                self._write(
+                    _json_response(
+                        500,
+                        {"error": "internal_error", "detail": "the coordinator failed; a bug"},
+                        close=True,
+                    )
+                )
+                self.task = None
+                self.close()
+                return
+            self.front.served += 1
+            if not req.done:
+                # The answer did not need the rest of the body: stop here rather than read it.
+                req.discard = True
+                self.close_after = True
+            if not req.keep_alive or self.close_after or self.lost:
+                self.task = None
+                self.close()
+                return
+            if self.queue:
+                req = self.queue.popleft()
+                continue
+            self.task = None
+            pending, self.handoff_pending = self.handoff_pending, None
+            if pending is not None:
+                self.handoff(pending)
+                return
+            self._resume_reading()
+            self._idle()
+            return
+
+    async def _answer(self, req: _Request) -> None:
+        coord = self.front.coordinator
+        registry = coord.registry
+        settings = coord.settings
+        proxy = coord.proxy
+        target = req.target.decode("latin-1")
+        raw_path, _, query = target.partition("?")
+        name, slash, rest = raw_path[len("/service/") :].partition("/")
+        tail = slash + rest
+        if "%" in name:
+            name = unquote(name)
+        service = registry.resolve(name)
+        if not name or not registry.known_service(service):
+            self._error(
+                req,
+                404,
+                "unknown_service",
+                f"no service named {name!r}",
+                available=registry.service_names(),
+            )
+            return
+        if ("." in tail or "%" in tail) and any(
+            seg in (".", "..") for seg in unquote(tail).split("/")
+        ):
+            self._error(req, 400, "invalid_path", "dot segments are not allowed")
+            return
+        if proxy.in_flight >= settings.max_inflight:
+            self._unavailable(req, "overloaded", "the coordinator is at its concurrency limit")
+            return
+
+        body: bytes | None = None
+        model: str | None = None
+        length = req.content_length
+        if (
+            req.method in _BODY_METHODS
+            and length is not None
+            and 0 < length <= settings.max_model_sniff_body
+            and req.content_type == "application/json"
+        ):
+            self._continue(req)
+            body = await req.read()
+            model = sniff_model(body)
+
+        pool = registry.pool(service, model)
+        if pool is None and model is not None and registry.models(service):
+            self._error(
+                req,
+                404,
+                "model_not_available",
+                f"no worker of {service!r} serves model {model!r}",
+                available=registry.models(service),
+            )
+            return
+        if pool is None or pool.size == 0:
+            self._unavailable(req, "no_ready_workers", f"no worker is ready for {service!r}")
+            return
+
+        presented = req.header(b"x-request-id")
+        request_id = (
+            presented
+            if presented is not None and _REQUEST_ID.match(presented)
+            else os.urandom(16).hex()
+        )
+        path = f"/service/{service}{tail or '/'}" + (f"?{query}" if query else "")
+        headers = self._request_headers(req, request_id)
+        exclude: frozenset[str] = frozenset()
+        last_failed: WorkerRecord | None = None
+        for attempt in range(1 + settings.proxy_retries):
+            slot = pool.pick(registry.rng, exclude)
+            if slot is None:
+                break
+            worker = slot.worker
+            try:
+                await self._forward(req, slot, service, path, headers, body, request_id)
+                return
+            except _Unreachable as exc:
+                registry.strike(worker)
+                log.warning(
+                    "worker_unreachable",
+                    worker_id=worker.worker_id,
+                    request_id=request_id,
+                    attempt=attempt + 1,
+                    reason=str(exc),
+                )
+                last_failed = worker
+                if body is None and req.has_body and req.consumed:
+                    break  # part of a streamed body is gone: it cannot be sent again
+                exclude = exclude | {worker.worker_id}
+        if last_failed is not None:
+            self._error(
+                req,
+                502,
+                "worker_unreachable",
+                "the worker could not be reached",
+                worker_id=last_failed.worker_id,
+                request_id=request_id,
+            )
+            return
+        self._unavailable(req, "all_workers_busy", f"every {service!r} worker is busy")
+
+    def _continue(self, req: _Request) -> None:
+        if req.expect and req.http11:
+            req.expect = False
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _request_headers(self, req: _Request, request_id: str) -> list[tuple[str, str]]:
+        drop = _HOP_B.union(req.connection) if req.connection else _HOP_B
+        out: list[tuple[str, str]] = []
+        client = host = None
+        https = False
+        for key, value in req.headers:
+            lower = key.lower()
+            if lower == b"cf-connecting-ip":
+                client = value.decode("latin-1")
+            elif lower == b"cf-ray":
+                https = True
+            elif lower == b"host" and host is None:
+                host = value.decode("latin-1")
+            if lower in drop or lower in _REPLACED_REQUEST_B or lower.startswith(_INTERNAL_B):
+                continue
+            out.append((key.decode("latin-1"), value.decode("latin-1")))
+        out.append(("X-Forwarded-For", client or self.peer))
+        out.append(("X-Forwarded-Proto", "https" if https else "http"))
+        out.append(("X-Forwarded-Host", host or self.local))
+        out.append((REQUEST_ID_HEADER, request_id))
+        return out
+
+    async def _send(
+        self,
+        req: _Request,
+        worker: WorkerRecord,
+        path: str,
+        headers: list[tuple[str, str]],
+        body: bytes | None,
+    ) -> UpstreamResponse:
+        pool = self.front.coordinator.proxy._pool
+        assert pool is not None, "Proxy.start() was not awaited"
+        if worker.gateway_key:
+            headers = [*headers, (GATEWAY_KEY_HEADER, worker.gateway_key)]
+        replayable = body is not None or not req.has_body
+        for fresh in (False, True):
+            data: Any = body
+            if body is None and req.has_body:
+                self._continue(req)
+                data = req.chunks()
+            try:
+                return await pool.request(
+                    req.method,
+                    worker.origin,
+                    path,
+                    headers,
+                    data,
+                    body_length=req.content_length if req.has_body else None,
+                    fresh=fresh,
+                )
+            except ConnectFailed as exc:
+                raise _Unreachable(str(exc)) from exc
+            except Disconnected as exc:
+                if exc.reused and replayable and not fresh:
+                    continue  # a pooled connection the worker had closed: once more, fresh
+                if replayable:
+                    raise _Unreachable(str(exc)) from exc
+                raise
+        raise AssertionError("unreachable")
+
+    async def _forward(
+        self,
+        req: _Request,
+        slot: Slot,
+        service: str,
+        path: str,
+        headers: list[tuple[str, str]],
+        body: bytes | None,
+        request_id: str,
+    ) -> None:
+        coord = self.front.coordinator
+        registry, metrics, proxy = coord.registry, coord.metrics, coord.proxy
+        worker = slot.worker
+        registry.acquire(slot)
+        proxy.in_flight += 1
+        started = time.perf_counter()
+        status = 0
+        try:
+            try:
+                upstream = await self._send(req, worker, path, headers, body)
+            except Disconnected:
+                status = 502
+                self._worker_error(req, worker, request_id, 502, "worker_unreachable")
+                return
+            except ResponseTimeout:
+                status = 504
+                self._worker_error(
+                    req,
+                    worker,
+                    request_id,
+                    504,
+                    "worker_timeout",
+                    f"no response within {coord.settings.proxy_ttfb_timeout:g} s",
+                )
+                return
+            except UpstreamError as exc:
+                status = 502
+                log.warning(
+                    "worker_bad_response",
+                    worker_id=worker.worker_id,
+                    request_id=request_id,
+                    error=str(exc),
+                )
+                self._worker_error(
+                    req,
+                    worker,
+                    request_id,
+                    502,
+                    "worker_bad_response",
+                    "the worker's answer was not valid HTTP",
+                )
+                return
+            status = upstream.status
+            metrics.observe_response(service, time.perf_counter() - started)
+            await self._relay(req, upstream, worker, request_id)
+        finally:
+            proxy.in_flight -= 1
+            registry.release(slot)
+            if status:
+                metrics.proxied(service, status)
+
+    async def _relay(
+        self, req: _Request, upstream: UpstreamResponse, worker: WorkerRecord, request_id: str
+    ) -> None:
+        raw = upstream.raw_headers
+        drop = _HOP_B
+        for key, value in raw:
+            if key.lower() == b"connection":
+                drop = drop.union(t.strip().lower() for t in value.split(b","))
+        status = upstream.status
+        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n".encode()]
+        for key, value in raw:
+            lower = key.lower()
+            if lower in drop or lower in _REPLACED_RESPONSE_B or lower.startswith(_INTERNAL_B):
+                continue
+            lines.append(b"%b: %b\r\n" % (key, value))
+        lines.append(b"X-Request-Id: %b\r\n" % request_id.encode("latin-1"))
+        keep = req.keep_alive and not self.close_after
+        length = upstream.content_length
+        is_stream = upstream.content_type == "text/event-stream"
+        try:
+            if req.method == "HEAD" or status in (204, 304) or status < 200:
+                if length is not None and req.method == "HEAD":
+                    lines.append(b"Content-Length: %d\r\n" % length)
+                if not keep:
+                    lines.append(b"Connection: close\r\n")
+                lines.append(b"\r\n")
+                if req.method != "HEAD":
+                    await upstream.read()
+                self._write(b"".join(lines))
+                return
+            if length is not None and length <= _SMALL_BODY and not is_stream:
+                try:
+                    payload = await upstream.read()
+                except UpstreamError:
+                    upstream.close()
+                    self._worker_error(
+                        req,
+                        worker,
+                        request_id,
+                        502,
+                        "worker_stream_broken",
+                        "the worker's answer broke off",
+                    )
+                    return
+                lines.append(b"Content-Length: %d\r\n" % len(payload))
+                if not keep:
+                    lines.append(b"Connection: close\r\n")
+                lines.append(b"\r\n")
+                lines.append(payload)
+                self._write(b"".join(lines))
+                return
+            chunked = length is None and req.http11
+            if length is not None:
+                lines.append(b"Content-Length: %d\r\n" % length)
+            elif chunked:
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                keep = False  # HTTP/1.0 without a length: the end of the body is the close
+            if not keep:
+                self.close_after = True
+                lines.append(b"Connection: close\r\n")
+            lines.append(b"\r\n")
+            self._write(b"".join(lines))
+            try:
+                async for chunk in upstream.iter_chunks():
+                    self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    await self._drain()
+            except UpstreamError as exc:
+                log.warning(
+                    "stream_broken",
+                    worker_id=worker.worker_id,
+                    request_id=request_id,
+                    error=str(exc),
+                )
+                if is_stream:
+                    event = _sse_error(worker, request_id)
+                    self._write(b"%x\r\n%b\r\n" % (len(event), event) if chunked else event)
+                # Leave the message incomplete so the client sees the failure.
+                self.close_after = True
+                self.close()
+                return
+            if chunked:
+                self._write(b"0\r\n\r\n")
+        except BaseException:
+            upstream.close()
+            raise
+        finally:
+            upstream.release()
+
+    # ---------------------------------------------------------------- error answers
+
+    def _error(self, req: _Request, status: int, code: str, detail: Any, **extra: Any) -> None:
+        self._json(req, status, {"error": code, "detail": detail, "hop": HOP, **extra})
+
+    def _json(
+        self,
+        req: _Request,
+        status: int,
+        body: dict[str, Any],
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        close = not req.keep_alive or self.close_after or not req.done
+        self._write(_json_response(status, body, headers=headers, close=close))
+
+    def _unavailable(self, req: _Request, code: str, detail: str) -> None:
+        coord = self.front.coordinator
+        coord.metrics.proxy_rejected(code)
+        self._json(
+            req,
+            503,
+            {"error": code, "detail": detail, "hop": HOP},
+            headers={"Retry-After": str(coord.settings.retry_after)},
+        )
+
+    def _worker_error(
+        self,
+        req: _Request,
+        worker: WorkerRecord,
+        request_id: str,
+        status: int,
+        code: str,
+        detail: str = "the worker could not be reached",
+    ) -> None:
+        self._error(req, status, code, detail, worker_id=worker.worker_id, request_id=request_id)
+
+
+class _Unreachable(Exception):
+    """The worker could not be reached before any request byte was sent."""
+
+
+def _json_response(
+    status: int,
+    body: dict[str, Any],
+    *,
+    headers: dict[str, str] | None = None,
+    close: bool = False,
+) -> bytes:
+    if "hop" not in body:
+        body = {**body, "hop": HOP}
+    payload = json.dumps(body, separators=(",", ":"), default=str).encode()
+    head = [
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(payload)}",
+    ]
+    if headers:
+        head.extend(f"{k}: {v}" for k, v in headers.items())
+    if close:
+        head.append("Connection: close")
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload
+
+
+def _sse_error(worker: WorkerRecord, request_id: str) -> bytes:
+    event = json.dumps(
+        {
+            "error": "worker_stream_broken",
+            "hop": HOP,
+            "worker_id": worker.worker_id,
+            "request_id": request_id,
+        }
+    )
+    return f"event: error\ndata: {event}\n\n".encode()
+
+
+class FrontRunner(web.AppRunner):
+    """An ``AppRunner`` whose sites put the front door in front of the coordinator app.
+
+    Apps without a coordinator (``COORDINATOR`` key) are served by aiohttp alone.
+    """
+
+    async def _make_server(self) -> Server:
+        inner = await super()._make_server()
+        from coordinator.app import COORDINATOR
+
+        coordinator = self.app.get(COORDINATOR)
+        if coordinator is None:
+            return inner
+        # Sites only call the factory and the shutdown hooks, which FrontServer provides.
+        return cast(Server, FrontServer(inner, coordinator))
+
+
+def front_server(runner: web.BaseRunner) -> FrontServer | None:
+    """The front door of a runner's server, if it has one."""
+    server: object = runner.server
+    return server if isinstance(server, FrontServer) else None
