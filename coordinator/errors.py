@@ -43,14 +43,14 @@ class BadRequest(Exception):
 async def read_capped(request: web.Request, limit: int, limit_s: float | None = None) -> bytes:
     """The request body, or :class:`BadRequest`: 413 over ``limit`` bytes, 408 after ``limit_s``."""
     declared = request.content_length
-    if declared is not None:
-        if declared > limit:
-            raise BadRequest(json_error(413, "body_too_large", f"at most {limit} bytes"))
-        return await request.read()  # framed by Content-Length: it cannot exceed it
+    if declared is not None and declared > limit:
+        raise BadRequest(json_error(413, "body_too_large", f"at most {limit} bytes"))
     chunks: list[bytes] = []
     size = 0
     try:
-        async with asyncio.timeout(limit_s):
+        async with asyncio.timeout(limit_s):  # a slow body (slowloris) is cut off: 408
+            if declared is not None:
+                return await request.read()  # framed by Content-Length: it cannot exceed it
             while True:
                 chunk = await request.content.readany()
                 if not chunk:

@@ -60,17 +60,11 @@ async def test_slow_control_body_is_408(fed: Federation, http: aiohttp.ClientSes
     )
     await writer.drain()
     started = time.monotonic()
-    head = b""
-    for _ in range(20):  # one byte every 0.2 s: far slower than the bound allows
+    for _ in range(3):  # a few bytes, slowly, then nothing more: the body never completes
         await asyncio.sleep(0.2)
-        try:
-            writer.write(b" ")
-            await writer.drain()
-        except ConnectionError:
-            break
-        if reader._buffer:  # type: ignore[attr-defined]  # an answer has arrived
-            break
-    head = await asyncio.wait_for(reader.read(4096), 3)
+        writer.write(b" ")
+        await writer.drain()
+    head = await asyncio.wait_for(reader.read(4096), 4)
     writer.close()
     assert head.startswith(b"HTTP/1.1 408"), head[:200]
     assert b'"request_timeout"' in head
