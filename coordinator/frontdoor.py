@@ -266,6 +266,7 @@ class FrontProtocol(asyncio.Protocol):
         self.write_waiter: asyncio.Future[None] | None = None
         self.can_write = True
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since: float | None = None  # None while a request is being read or answered
         self.peer = ""
         self.local = ""
         self._url = b""
@@ -307,9 +308,7 @@ class FrontProtocol(asyncio.Protocol):
             self.write_waiter.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
+        self.idle_since = None
         if self.handoff_pending is not None:
             self.handoff_pending += data
             return
@@ -465,9 +464,23 @@ class FrontProtocol(asyncio.Protocol):
             self.transport.close()
 
     def _idle(self) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-        self.idle_timer = self.loop.call_later(_KEEPALIVE, self.close)
+        # One timer per connection, re-armed only when it fires: no timer work per request.
+        self.idle_since = self.loop.time()
+        if self.idle_timer is None:
+            self.idle_timer = self.loop.call_later(_KEEPALIVE, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self.idle_timer = None
+        if self.lost:
+            return
+        if self.idle_since is None:  # busy: look again later
+            self.idle_timer = self.loop.call_later(_KEEPALIVE, self._idle_check)
+            return
+        left = self.idle_since + _KEEPALIVE - self.loop.time()
+        if left <= 0:
+            self.close()
+        else:
+            self.idle_timer = self.loop.call_later(left, self._idle_check)
 
     # ---------------------------------------------------------------- hand-off
 

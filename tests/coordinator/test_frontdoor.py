@@ -218,3 +218,23 @@ async def test_metrics_count_front_door_requests(fed: Fed, backend_factory: Back
     text = await (await fed.client.get("/metrics")).text()
     assert 'rma_proxy_requests_total{service="echo",status="200"} 3.0' in text
     assert 'rma_proxy_response_seconds_count{service="echo"} 3.0' in text
+
+
+async def test_idle_keep_alive_connections_close(
+    fed: Fed, backend_factory: BackendFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("coordinator.frontdoor._KEEPALIVE", 0.2)
+    backend = await backend_factory()
+    await fed.register(backend.url)
+    reader, writer = await _open(fed)
+    try:
+        # A request longer than the idle limit is not cut off: the connection is busy.
+        writer.write(_get("/service/echo/slow?s=0.5"))
+        status, _, _ = await _response(reader)
+        assert status == 200
+        writer.write(_get("/service/echo/again"))
+        assert (await _response(reader))[0] == 200
+        # Idle past the limit: the coordinator closes it.
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+    finally:
+        writer.close()
