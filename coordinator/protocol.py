@@ -249,6 +249,9 @@ class EdgeServiceSummary(_Request):
     name: ServiceName
     ready_workers: int = Field(ge=0, le=1_000_000)
     models: list[ModelName] = Field(default_factory=list, max_length=512)
+    #: Other names the coordinator resolves to this service (``llm`` for ``llm-inference``), so
+    #: that the router routes ``/service/llm/...`` to coordinators that have ``llm-inference``.
+    aliases: list[ServiceName] = Field(default_factory=list, max_length=16)
 
 
 class EdgeRegisterRequest(_Request):

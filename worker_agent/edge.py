@@ -177,7 +177,10 @@ class EdgeAgent:
             workers=health.workers.total,
             services=[
                 EdgeServiceSummary(
-                    name=s.name, ready_workers=s.ready_workers, models=s.models[:512]
+                    name=s.name,
+                    ready_workers=s.ready_workers,
+                    models=s.models[:512],
+                    aliases=s.aliases[:16],
                 )
                 for s in services.services
                 if s.workers > 0

@@ -15,8 +15,8 @@ const fleet: CoordinatorView[] = Array.from({ length: 1000 }, (_, i) => ({
   state: "active",
   workers: 10,
   services: [
-    { name: "echo", ready_workers: 5, models: [] },
-    { name: i % 3 === 0 ? "ollama" : "vllm", ready_workers: i % 5, models: ["llama3"] },
+    { name: "echo", ready_workers: 5, models: [], aliases: [] },
+    { name: i % 3 === 0 ? "ollama" : "vllm", ready_workers: i % 5, models: ["llama3"], aliases: [] },
   ],
   load: (i % 10) / 10,
   in_flight: i % 50,

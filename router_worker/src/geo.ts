@@ -20,6 +20,8 @@ export interface ServiceView {
   name: string;
   ready_workers: number;
   models: string[];
+  /** Other names the coordinator resolves to this service (`llm` for `llm-inference`). */
+  aliases: string[];
 }
 
 /** A coordinator as the routing snapshot carries it. */
@@ -106,7 +108,7 @@ export function isHealthy(c: CoordinatorView, now: number, ttlMs: number): boole
 }
 
 export function offers(c: CoordinatorView, service: string): boolean {
-  return c.services.some((s) => s.name === service && s.ready_workers > 0);
+  return c.services.some((s) => s.ready_workers > 0 && (s.name === service || s.aliases.includes(service)));
 }
 
 export function score(c: CoordinatorView, caller: Location, failures: number): number {

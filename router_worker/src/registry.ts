@@ -207,6 +207,7 @@ export class Registry extends DurableObject<Env> {
       name: s.name,
       ready_workers: s.ready_workers,
       models: s.models ?? [],
+      aliases: s.aliases ?? [],
     }));
     return "ok";
   }

@@ -20,6 +20,7 @@ export interface EdgeServiceSummary {
   name: string;
   ready_workers: number;
   models?: string[];
+  aliases?: string[];
 }
 export interface EdgeRegisterRequest {
   protocol_version?: number;

@@ -68,12 +68,16 @@ export async function service(
 
   const now = Date.now();
   const all = await coordinators(env, cfg, ctx);
-  const candidates = rank(all, locationFromCf(request.cf), {
-    now,
-    ttlMs: cfg.ttlMs,
-    service: name,
-    localFailures: localFailureMap(now),
-  });
+  const where = locationFromCf(request.cf);
+  const select = { now, ttlMs: cfg.ttlMs, localFailures: localFailureMap(now) };
+  const candidates = rank(all, where, { ...select, service: name });
+  if (candidates.length > 0) {
+    // The snapshot lags the federation by up to a heartbeat: right after a failover the workers
+    // of a dead coordinator already serve `name` elsewhere. When every coordinator known to have
+    // it fails, the other healthy ones are tried next (they answer 503 fast when they lack it).
+    const offering = new Set(candidates.map((c) => c.id));
+    for (const c of rank(all, where, select)) if (!offering.has(c.id)) candidates.push(c);
+  }
   if (candidates.length === 0) {
     return answer(jsonError(503, "no_coordinator", `no healthy coordinator offers service ${JSON.stringify(name)}`, { "Retry-After": "5" }));
   }

@@ -11,7 +11,7 @@ function coord(id: string, cf: Record<string, unknown>, extra: Partial<Coordinat
     loc: locationFromCf(cf),
     state: "active",
     workers: 1,
-    services: [{ name: "echo", ready_workers: 1, models: [] }],
+    services: [{ name: "echo", ready_workers: 1, models: [], aliases: [] }],
     load: 0,
     in_flight: 0,
     last_seen: NOW,
@@ -100,12 +100,13 @@ describe("rank", () => {
     const fleet = [
       coord("stale", CF_LONDON, { last_seen: NOW - 30_001 }),
       coord("draining", CF_LONDON, { state: "draining" }),
-      coord("empty", CF_LONDON, { services: [{ name: "echo", ready_workers: 0, models: [] }] }),
-      coord("other", CF_LONDON, { services: [{ name: "ollama", ready_workers: 3, models: [] }] }),
+      coord("empty", CF_LONDON, { services: [{ name: "echo", ready_workers: 0, models: [], aliases: [] }] }),
+      coord("other", CF_LONDON, { services: [{ name: "ollama", ready_workers: 3, models: [], aliases: ["llm"] }] }),
       coord("far", CF_SYDNEY),
     ];
     expect(order(CF_LONDON, fleet, { service: "echo" })).toEqual(["far"]);
     expect(order(CF_LONDON, fleet, { service: "ollama" })).toEqual(["other"]);
+    expect(order(CF_LONDON, fleet, { service: "llm" })).toEqual(["other"]); // an alias it reported
     expect(order(CF_LONDON, fleet)).toEqual(["empty", "other", "far"]);
     expect(order(CF_LONDON, [coord("edge", CF_LONDON, { last_seen: NOW - 30_000 })])).toEqual(["edge"]);
   });

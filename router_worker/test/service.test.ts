@@ -165,6 +165,32 @@ describe("ANY /service/{name}/{path}", () => {
     expect((await reader.read()).done).toBe(true);
   });
 
+  it("routes an alias (llm) to the coordinators that report its service (llm-inference)", async () => {
+    const r = router();
+    net.coordinator(LON, "lon", echo("lon")).coordinator(PAR, "par", echo("par"));
+    const llm = { services: [{ name: "llm-inference", ready_workers: 1, models: ["llama3"], aliases: ["llm"] }] };
+    await join(r, "lon", LON, CF_LONDON);
+    await join(r, "par", PAR, CF_PARIS, llm);
+    const resp = await r.call("/service/llm/v1/chat/completions", { method: "POST", body: "{}", cf: CF_LONDON });
+    expect(resp.status).toBe(200);
+    expect(await resp.json()).toMatchObject({ coordinator: "par", path: "/service/llm/v1/chat/completions" });
+  });
+
+  it("when every coordinator known to offer the service fails, tries the other healthy ones", async () => {
+    // Right after a failover the snapshot still says only the dead coordinator has the service.
+    const r = router();
+    net.coordinator(LON, "lon", echo("lon")).coordinator(PAR, "par", echo("par"));
+    const ocr = { services: [{ name: "ocr", ready_workers: 1, models: [], aliases: [] }] };
+    await join(r, "lon", LON, CF_LONDON, ocr);
+    await join(r, "par", PAR, CF_PARIS); // reports echo only (its beat is older than the move)
+    net.handlers.set(LON, () => new Response("error code: 1033", { status: 530 }));
+    net.seen.length = 0;
+    const resp = await r.call("/service/ocr/page", { cf: CF_LONDON });
+    expect(resp.status).toBe(200);
+    expect(await resp.json()).toMatchObject({ coordinator: "par", path: "/service/ocr/page" });
+    expect(net.seen.map((s) => new URL(s.url).origin)).toEqual([LON, PAR]);
+  });
+
   it("answers 503 JSON when no coordinator offers the service, 400 on a bad name", async () => {
     const { r } = await fleet();
     let resp = await r.call("/service/ollama/x", { cf: CF_LONDON });
