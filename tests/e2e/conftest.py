@@ -3,7 +3,8 @@
 ``start_router(tmp_path, **vars)`` starts ``router_worker/node_modules/.bin/wrangler dev`` on
 127.0.0.1 with a free port, ``DEV_ALLOW_LOOPBACK=true``, a temporary persist directory and any
 other router vars (``HEARTBEAT_INTERVAL_S="0.5"``...), waits for ``GET /health`` and returns a
-:class:`Router`; ``Router.stop()`` kills wrangler and its workerd children by process group.
+:class:`Router`; ``Router.stop()`` kills wrangler and its workerd children by process group;
+``start_router(tmp_path, port=old.port, **old.vars)`` restarts it on the same port and state.
 The ``router_factory`` fixture does the same and stops every router it started.
 
 When ``router_worker/node_modules`` is missing (``make router-deps`` installs it), tests that
@@ -97,10 +98,14 @@ class Router:
             return ""
 
 
-def start_router(tmp_path: Path, **router_vars: str) -> Router:
-    """Start the real router under ``wrangler dev`` on loopback and wait for ``/health``."""
+def start_router(tmp_path: Path, port: int | None = None, **router_vars: str) -> Router:
+    """Start the real router under ``wrangler dev`` on loopback and wait for ``/health``.
+
+    With ``port`` (a stopped router's), the new one listens there and reuses its persist
+    directory, so the Durable Object reloads its SQLite state (a router restart).
+    """
     require_router()
-    port = free_port()
+    port = port or free_port()
     values = {"DEV_ALLOW_LOOPBACK": "true", **{k: str(v) for k, v in router_vars.items()}}
     work = tmp_path / f"router-{port}"
     work.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -25,114 +23,23 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from coordinator.settings import CoordinatorSettings
 from tests.e2e.conftest import Router
+from tests.e2e.federation import (
+    FAKE_CLOUDFLARED,
+    SETTING_NAMES,
+    VENV_BIN,
+    Edge,
+    coordinators,
+    stream_app,
+    wait_until,
+)
 from worker_agent.agent import Agent
 from worker_agent.settings import WorkerSettings
 
-ROOT = Path(__file__).resolve().parents[2]
-FAKE_CLOUDFLARED = ROOT / "tests" / "fake_cloudflared"
-VENV_BIN = Path(sys.executable).parent
-SETTING_NAMES = {n.upper() for n in WorkerSettings.model_fields} | {
-    n.upper() for n in CoordinatorSettings.model_fields
-}
 INTERVAL = 0.5  # coordinators tell workers to beat this often; the router tells coordinators too
 FAILOVER_AFTER = 2
 
 pytestmark = pytest.mark.timeout(150)
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.upper() not in SETTING_NAMES}
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
-    env.update(extra)
-    return env
-
-
-class Edge:
-    """An edge coordinator process (its own process group: the agent and its cloudflared)."""
-
-    def __init__(self, tmp_path: Path, name: str, router: Router, cf_state: Path) -> None:
-        self.log = tmp_path / f"{name}.log"
-        env = _clean_env(
-            WORKER_TYPE="edge",
-            EDGE_WORKER="true",
-            COORDINATOR_URL=router.url,
-            STATE_DIR=str(tmp_path / name),
-            COORDINATOR_PORT="0",
-            GATEWAY_PORT="0",
-            CLOUDFLARED_PATH=str(FAKE_CLOUDFLARED),
-            CLOUDFLARED_DOWNLOAD="false",
-            FAKE_CLOUDFLARED_STATE=str(cf_state),
-            AUTO_DETECT="false",
-            DEV_ALLOW_LOOPBACK="true",
-            CATALOG_ALLOW_UNLISTED="true",
-            HEARTBEAT_INTERVAL=str(INTERVAL),
-            HEARTBEAT_MIN_INTERVAL="0.05",
-            SWEEP_INTERVAL="0.1",
-            HTTP_TIMEOUT="2",
-            REGISTER_BACKOFF_INITIAL="0.05",
-            REGISTER_BACKOFF_MAX="0.5",
-            TUNNEL_CHECK_INTERVAL="0.5",
-            FAILOVER_AFTER=str(FAILOVER_AFTER),
-            DRAIN_TIMEOUT="2",
-            LOG_FORMAT="json",
-            LOG_LEVEL="info",
-        )
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [str(VENV_BIN / "rma-worker"), "run"],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def kill(self) -> None:
-        """SIGKILL the whole group: the coordinator and its tunnel die at once."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=10)
-        self.kill()
-
-
-def stream_app() -> web.Application:
-    """A backend that streams ``n`` SSE tokens ``gap`` seconds apart."""
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for i in range(int(request.query.get("n", "3"))):
-            await resp.write(f"data: token-{i}\n\n".encode())
-            await asyncio.sleep(float(request.query.get("gap", "0.2")))
-        await resp.write_eof()
-        return resp
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    return app
-
-
-async def wait_until(what: str, predicate: Callable[[], Any], timeout: float) -> float:
-    start = time.monotonic()
-    while True:
-        try:
-            if await predicate():
-                return time.monotonic() - start
-        except (aiohttp.ClientError, OSError, ValueError, KeyError):
-            pass
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -165,7 +72,17 @@ async def federation(
         UPSTREAM_TIMEOUT_MS="3000",
         RATE_LIMIT_PER_MIN="0",
     )
-    edges = [Edge(tmp_path, f"edge-{i}", router, cf_state) for i in range(2)]
+    edges = [
+        Edge(
+            tmp_path,
+            f"edge-{i}",
+            router,
+            cf_state,
+            interval=INTERVAL,
+            failover_after=FAILOVER_AFTER,
+        )
+        for i in range(2)
+    ]
     backend_runner = web.AppRunner(stream_app(), access_log=None)
     await backend_runner.setup()
     await web.TCPSite(backend_runner, "127.0.0.1", 0).start()
@@ -219,10 +136,6 @@ async def federation(
         for e in edges:
             e.stop()
         await backend_runner.cleanup()
-
-
-def coordinators(router: Router) -> dict[str, dict[str, Any]]:
-    return {c["coordinator_id"]: c for c in router.get_json("/api/coordinators")["coordinators"]}
 
 
 async def test_requests_stream_workers_join_and_failover(federation: dict[str, Any]) -> None:
