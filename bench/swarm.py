@@ -83,12 +83,21 @@ class SimWorker:
         self.interval = swarm.interval
 
     async def listen(self) -> None:
-        site = web.TCPSite(self.swarm.runner, "127.0.0.1", 0, backlog=64)
-        await site.start()
-        assert site._server is not None
-        sockets = getattr(site._server, "sockets", None)
-        assert sockets
-        self.port = int(sockets[0].getsockname()[1])
+        # A departed worker's URL must stay dead (a dead quick tunnel never comes back), so a
+        # port that served an earlier worker is never reused: the coordinator may still route to
+        # it until that worker turns suspect, and must then see a refused connection, not a
+        # stranger's gateway.
+        while True:
+            site = web.TCPSite(self.swarm.runner, "127.0.0.1", 0, backlog=64)
+            await site.start()
+            assert site._server is not None
+            sockets = getattr(site._server, "sockets", None)
+            assert sockets
+            port = int(sockets[0].getsockname()[1])
+            if port not in self.swarm.retired_ports:
+                break
+            await site.stop()
+        self.port = port
         self.site = site  # type: ignore[assignment]
         self.swarm.by_port[self.port] = self
 
@@ -189,6 +198,7 @@ class SimWorker:
         if self.site is not None:
             await self.site.stop()
         sw.by_port.pop(self.port, None)
+        sw.retired_ports.add(self.port)
 
 
 class Swarm:
@@ -202,6 +212,7 @@ class Swarm:
         self.interval = 15.0
         self.stats = Stats()
         self.by_port: dict[int, SimWorker] = {}
+        self.retired_ports: set[int] = set()
         self.registered: set[SimWorker] = set()
         self.workers: list[SimWorker] = []
         self.register_gate = asyncio.Semaphore(args.register_concurrency)
