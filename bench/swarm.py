@@ -232,6 +232,10 @@ class Swarm:
     async def serve(self, request: web.Request) -> web.StreamResponse:
         sock = request.transport.get_extra_info("sockname") if request.transport else None
         worker = self.by_port.get(sock[1]) if sock else None
+        if worker is None and request.transport is not None:
+            # A keep-alive connection that outlived its worker: a dead worker answers nothing.
+            request.transport.abort()
+            return web.Response(status=503)
         if worker is None or request.headers.get(GATEWAY_KEY_HEADER) != worker.key:
             return web.json_response({"error": "unauthorized", "detail": None}, status=401)
         body = await request.read()
