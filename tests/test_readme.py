@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from coordinator.settings import CoordinatorSettings
@@ -33,6 +34,17 @@ def test_every_agent_setting_is_documented() -> None:
         if f"| `{name.upper()}` |" not in section
     ]
     assert missing == [], f"agent settings missing from the README configuration table: {missing}"
+
+
+def test_every_router_var_and_secret_is_documented() -> None:
+    env_ts = (ROOT / "router_worker" / "src" / "env.ts").read_text(encoding="utf-8")
+    interface = env_ts.split("export interface Env {", 1)[1].split("}", 1)[0]
+    names = re.findall(r"^\s+([A-Z][A-Z0-9_]*)\?:", interface, flags=re.MULTILINE)
+    assert "API_KEYS" in names
+    assert "SNAPSHOT_TTL_MS" in names
+    section = README.split("### Router (`router_worker/wrangler.toml`)", 1)[1]
+    missing = [name for name in names if f"| `{name}` |" not in section]
+    assert missing == [], f"router vars missing from the README configuration table: {missing}"
 
 
 def test_make_run_is_the_embedded_local_federation() -> None:
