@@ -33,14 +33,13 @@ from aiohttp import web
 from aiohttp.web_server import Server
 
 from coordinator.errors import HOP
+from coordinator.headers import HOP_BY_HOP, REQUEST_ID_RE
 from coordinator.protocol import GATEWAY_KEY_HEADER, INTERNAL_HEADER_PREFIX, REQUEST_ID_HEADER
 from coordinator.proxy import (
     _BODY_METHODS,
     _REPLACED_REQUEST,
     _REPLACED_RESPONSE,
-    _REQUEST_ID,
     _SMALL_BODY,
-    HOP_BY_HOP,
     sniff_model,
 )
 from coordinator.upstream import (
@@ -606,7 +605,7 @@ class FrontProtocol(asyncio.Protocol):
         presented = req.header(b"x-request-id")
         request_id = (
             presented
-            if presented is not None and _REQUEST_ID.match(presented)
+            if presented is not None and REQUEST_ID_RE.match(presented)
             else os.urandom(16).hex()
         )
         path = f"/service/{service}{tail or '/'}" + (f"?{query}" if query else "")

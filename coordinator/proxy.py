@@ -12,10 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import time
 from collections.abc import AsyncIterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import structlog
@@ -23,6 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from coordinator.errors import json_error
+from coordinator.headers import HOP_BY_HOP, REQUEST_ID_RE, drop_set
 from coordinator.protocol import GATEWAY_KEY_HEADER, INTERNAL_HEADER_PREFIX, REQUEST_ID_HEADER
 from coordinator.upstream import (
     ConnectFailed,
@@ -41,20 +41,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("coordinator.proxy")
 
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 #: Request headers the proxy sets itself; clients' copies are dropped.
 _REPLACED_REQUEST = frozenset(
     {
@@ -69,7 +55,6 @@ _REPLACED_REQUEST = frozenset(
 )
 #: Response headers the proxy sets itself.
 _REPLACED_RESPONSE = frozenset({"x-request-id", "content-length", "transfer-encoding"})
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 #: Responses with a known length up to this size are sent in one piece.
 _SMALL_BODY = 64 * 1024
@@ -77,17 +62,9 @@ _SMALL_BODY = 64 * 1024
 
 def request_id_of(request: web.Request) -> str:
     value = request.headers.get(REQUEST_ID_HEADER)
-    if value is not None and _REQUEST_ID.match(value):
+    if value is not None and REQUEST_ID_RE.match(value):
         return value
     return os.urandom(16).hex()
-
-
-def _drop_set(headers: Any) -> set[str]:
-    """Hop-by-hop headers plus those the ``Connection`` header names."""
-    drop = set(HOP_BY_HOP)
-    for value in headers.getall("Connection", ()):
-        drop.update(token.strip().lower() for token in value.split(","))
-    return drop
 
 
 def sniff_model(body: bytes) -> str | None:
@@ -222,7 +199,7 @@ class Proxy:
         return json_error(status, code, detail, worker_id=worker.worker_id, request_id=request_id)
 
     def _request_headers(self, request: web.Request, request_id: str) -> list[tuple[str, str]]:
-        drop = _drop_set(request.headers)
+        drop = drop_set(request.headers)
         out = [
             (key, value)
             for key, value in request.headers.items()

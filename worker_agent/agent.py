@@ -192,9 +192,7 @@ class Agent:
         self.store.save(self.identity)
         self.registration = reply
         self.gateway.assigned = frozenset(reply.assigned_services)
-        self.interval = min(
-            max(reply.heartbeat_interval, self.settings.heartbeat_min_interval), 3600
-        )
+        self.interval = self.settings.beat_interval(reply.heartbeat_interval)
         self.registrations += 1
         self.registered.set()
         log.info(
@@ -252,9 +250,7 @@ class Agent:
         )
         self.heartbeats += 1
         self.gateway.assigned = frozenset(reply.assigned_services)
-        self.interval = min(
-            max(reply.heartbeat_interval, self.settings.heartbeat_min_interval), 3600
-        )
+        self.interval = self.settings.beat_interval(reply.heartbeat_interval)
 
     async def _control_loop(self) -> None:
         await self._register("start")

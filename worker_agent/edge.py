@@ -145,9 +145,7 @@ class EdgeAgent:
         )
         identity.coordinator_secret = reply.coordinator_secret
         self.store.save(identity)
-        self.interval = min(
-            max(reply.heartbeat_interval, self.settings.heartbeat_min_interval), 3600
-        )
+        self.interval = self.settings.beat_interval(reply.heartbeat_interval)
         self.registrations += 1
         self.registered.set()
         log.info(

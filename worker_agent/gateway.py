@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import hmac
 import json
-import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -25,6 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from coordinator.headers import REQUEST_ID_RE, drop_set
 from coordinator.protocol import GATEWAY_KEY_HEADER, INTERNAL_HEADER_PREFIX, REQUEST_ID_HEADER
 from worker_agent.backends import ECHO, Backend, Backends
 from worker_agent.settings import WorkerSettings
@@ -32,22 +32,7 @@ from worker_agent.settings import WorkerSettings
 log = structlog.get_logger("worker_agent.gateway")
 
 HOP = "worker"
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 _NOT_FORWARDED = frozenset({"host", "content-length"})
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -61,13 +46,6 @@ def json_error(
         content_type="application/json",
         headers=headers,
     )
-
-
-def _drop_set(headers: Any) -> set[str]:
-    drop = set(HOP_BY_HOP)
-    for value in headers.getall("Connection", ()):
-        drop.update(token.strip().lower() for token in value.split(","))
-    return drop
 
 
 class Gateway:
@@ -219,7 +197,7 @@ class Gateway:
                 503, "busy", f"{name!r} is at its concurrency limit", headers={"Retry-After": "1"}
             )
         value = request.headers.get(REQUEST_ID_HEADER, "")
-        request_id = value if _REQUEST_ID.match(value) else uuid.uuid4().hex
+        request_id = value if REQUEST_ID_RE.match(value) else uuid.uuid4().hex
         self.in_flight += 1
         backend.in_flight += 1
         self._idle.clear()
@@ -259,7 +237,7 @@ class Gateway:
         )
 
     def _backend_headers(self, request: web.Request, request_id: str) -> CIMultiDict[str]:
-        drop = _drop_set(request.headers)
+        drop = drop_set(request.headers)
         out: CIMultiDict[str] = CIMultiDict()
         for key, value in request.headers.items():
             lower = key.lower()
@@ -322,7 +300,7 @@ class Gateway:
         backend: Backend,
         request_id: str,
     ) -> web.StreamResponse:
-        drop = _drop_set(upstream.headers)
+        drop = drop_set(upstream.headers)
         headers: CIMultiDict[str] = CIMultiDict()
         for key, value in upstream.headers.items():
             lower = key.lower()

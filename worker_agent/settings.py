@@ -230,6 +230,10 @@ class WorkerSettings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
+    def beat_interval(self, offered: float) -> float:
+        """The heartbeat interval to use when a reply offers ``offered`` seconds (bounded)."""
+        return min(max(offered, self.heartbeat_min_interval), 3600.0)
+
     @property
     def probe_urls(self) -> list[str]:
         urls = []
