@@ -26,13 +26,13 @@ import aiohttp
 import psutil
 import pydantic
 
-from bench import nginx, scenarios, wrk
+from bench import federation, nginx, scenarios, wrk
 from bench.procs import CLIENT_CORE, SERVER_CORE, Procs, can_pin, cores, pin_self
 from bench.report import Report
 from bench.scenarios import APT_HINT, Options, log
 
 RESULTS = Path(__file__).with_name("results.md")
-SECTIONS = ("registry", "heartbeat", "proxy")
+SECTIONS = ("registry", "heartbeat", "proxy", "hops", "failover", "footprint")
 
 
 def _version(argv: list[str]) -> str:
@@ -136,8 +136,14 @@ def main(argv: list[str] | None = None) -> int:
                         scenarios.registry(report, opt)
                     elif section == "heartbeat":
                         scenarios.heartbeat(report, procs, tmp, opt)
-                    else:
+                    elif section == "proxy":
                         scenarios.proxy(report, procs, tmp, opt)
+                    elif section == "hops":
+                        federation.hops(report, procs, tmp, opt)
+                    elif section == "failover":
+                        federation.failover(report, procs, tmp, opt)
+                    else:
+                        federation.footprint(report, opt, quick=args.quick)
                 except Exception as exc:
                     status = 1
                     log(f"{section} failed: {exc}")

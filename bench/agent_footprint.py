@@ -1,6 +1,8 @@
 """Figures for the worker agent: idle RSS, start → registered, heartbeat CPU cost.
 
-    .venv/bin/python -m tests.worker_agent.measure_agent [--idle-window 60] [--fast-beats 300]
+    .venv/bin/python -m bench.agent_footprint [--idle-window 60] [--fast-window 15]
+
+``make bench`` reports :func:`footprint` (section ``footprint`` of bench/run.py).
 
 Runs a real coordinator in this process and ``rma-worker run`` as a subprocess with the fake
 cloudflared (quick-tunnel mode, so the tunnel process, its watchdog and the gateway are all up).
@@ -19,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -26,7 +29,7 @@ from coordinator.app import COORDINATOR, create_app
 from coordinator.logs import configure_logging
 from coordinator.settings import CoordinatorSettings
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -108,6 +111,20 @@ async def run_once(state: Path, interval: float, window: float) -> dict[str, flo
             proc.send_signal(signal.SIGTERM)
         await proc.wait()
         await runner.cleanup()
+
+
+async def footprint(
+    window: float = 45.0, fast_interval: float = 0.05, fast_window: float = 8.0
+) -> dict[str, Any]:
+    """Idle agent at the default 15 s interval over ``window`` s, and CPU per heartbeat."""
+    with tempfile.TemporaryDirectory(prefix="rma-footprint-") as tmp:
+        idle = await run_once(Path(tmp) / "idle", 15.0, window)
+        fast = await run_once(Path(tmp) / "fast", fast_interval, fast_window)
+        base = await run_once(Path(tmp) / "base", 3600.0, fast_window)
+    per_beat = (fast["cpu_s"] / fast["window_s"] - base["cpu_s"] / base["window_s"]) * (
+        fast["window_s"] / max(fast["beats"], 1)
+    )
+    return {"idle": idle, "per_beat_s": per_beat, "fast_beats": fast["beats"]}
 
 
 async def main() -> None:
