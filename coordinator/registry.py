@@ -231,7 +231,12 @@ class Registry:
     def register(
         self, req: WorkerRegisterRequest, tunnel_url: str, *, new_id: Callable[[], str]
     ) -> Registration:
-        """Add a worker, or replace one whose ``worker_token`` the request proves."""
+        """Add a worker, or replace one whose ``worker_token`` the request proves.
+
+        A new worker keeps the ``worker_token`` it presents (else one is generated): an agent
+        that lost the reply to its registration repeats it with the same token instead of being
+        locked out of its own id until the old record expires.
+        """
         old = self._workers.get(req.worker_id) if req.worker_id else None
         if old is not None:
             if not token_matches(req.worker_token, old.token_hash):
@@ -243,7 +248,9 @@ class Registry:
         else:
             if len(self._workers) >= self.max_workers:
                 raise RegistryFull(f"the registry holds its maximum of {self.max_workers} workers")
-            token = secrets.token_urlsafe(32)
+            # A worker may propose its own token (the agent persists one before it registers),
+            # so a registration whose reply was lost can be repeated with the same token.
+            token = req.worker_token or secrets.token_urlsafe(32)
         worker_id = req.worker_id or new_id()
         offers: dict[str, ServiceOffer] = {}
         for offer in req.services:

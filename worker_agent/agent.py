@@ -101,6 +101,11 @@ class Agent:
         """Everything up to the first registration attempt (which runs in the background)."""
         settings = self.settings
         self.identity = self.store.load()
+        if self.identity.worker_token is None:
+            # Proposed at registration and kept before it is sent: a lost reply cannot lock
+            # this worker out of its own id.
+            self.identity.worker_token = secrets.token_urlsafe(32)
+            self.store.save(self.identity)
         structlog.contextvars.bind_contextvars(worker_id=self.identity.worker_id)
         self.session = aiohttp.ClientSession()
         self.client = ControlClient(self.session, settings.http_timeout)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 
 import aiohttp
 import structlog
@@ -131,6 +132,11 @@ class EdgeAgent:
 
     async def _register_once(self) -> None:
         identity = self.store.load()
+        if identity.coordinator_secret is None:
+            # Proposed to the router and kept before it is sent: a lost reply cannot lock this
+            # coordinator out of its own id.
+            identity.coordinator_secret = secrets.token_urlsafe(32)
+            self.store.save(identity)
         assert self.tunnel_url is not None
         token = self.settings.federation_join_token
         reply = await self._client.edge_register(

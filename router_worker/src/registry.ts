@@ -156,7 +156,9 @@ export class Registry extends DurableObject<Env> {
     if (existing !== undefined && secret === null && !this.expired(input.id, now)) {
       return { ok: false, error: "forbidden" };
     }
-    secret ??= newSecret();
+    // A new (or expired) id keeps the secret its coordinator proposes (the agent persists one
+    // before it registers), so a registration whose reply was lost can simply be repeated.
+    secret ??= input.secret ?? newSecret();
     const row: Row = {
       id: input.id,
       tunnel_url: input.tunnelUrl,

@@ -101,6 +101,22 @@ describe("POST /api/edge/register", () => {
     expect(rows).toEqual([{ tunnel_url: "https://new-home.trycloudflare.com" }]);
   });
 
+  it("keeps the secret a new coordinator proposes, so a registration whose reply was lost can be repeated", async () => {
+    const r = router();
+    net.coordinator(URL_A, "coord-a");
+    const proposed = "proposed-secret-".padEnd(43, "x");
+    const first = await register(r, "coord-a", URL_A, CF_LONDON, { coordinator_secret: proposed });
+    expect(first.status).toBe(200);
+    expect(await first.json()).toMatchObject({ coordinator_secret: proposed });
+    // The reply never reached the agent: it registers again with the secret it kept.
+    const again = await register(r, "coord-a", URL_A, CF_LONDON, { coordinator_secret: proposed });
+    expect(again.status).toBe(200);
+    expect(await again.json()).toMatchObject({ coordinator_secret: proposed });
+    // Anybody else still needs that secret.
+    const other = await register(r, "coord-a", URL_A, CF_LONDON, { coordinator_secret: "y".repeat(43) });
+    expect(other.status).toBe(403);
+  });
+
   it("lets another take an id whose entry expired", async () => {
     const r = router();
     await join(r, "coord-a", URL_A);

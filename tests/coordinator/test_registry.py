@@ -210,6 +210,19 @@ def test_re_register_needs_the_token(fx: Fixture) -> None:
     assert len(fx.registry) == 1
 
 
+def test_a_new_worker_keeps_the_token_it_proposes(fx: Fixture) -> None:
+    """So an agent whose registration reply was lost repeats it with the same token."""
+    proposed = "proposed-token-" + "x" * 28
+    first = fx.register("w1", token=proposed)
+    assert first.worker_token == proposed
+    assert not first.replaced
+    again = fx.register("w1", token=proposed, url="http://127.0.0.1:1002")
+    assert again.replaced
+    assert again.worker_token == proposed
+    with pytest.raises(Forbidden):
+        fx.register("w1", token="another-token-0123456789")
+
+
 def test_re_register_replaces_the_tunnel_url_at_once(fx: Fixture) -> None:
     first = fx.register("w1", url="http://127.0.0.1:1001")
     fx.clock.advance(5)

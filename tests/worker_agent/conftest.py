@@ -374,7 +374,9 @@ def router_app(state: RouterState, join_token: str | None = None) -> web.Applica
             health = HealthResponse.model_validate_json(await resp.read())
         if health.coordinator_id != req.coordinator_id:
             return error(422, "coordinator_id_mismatch")
-        secret = row["secret"] if row else f"secret-{len(state.registrations):04d}-0123456789"
+        # A new id keeps the secret its coordinator proposes (as the real router does).
+        fresh = f"secret-{len(state.registrations):04d}-0123456789"
+        secret = row["secret"] if row else (req.coordinator_secret or fresh)
         state.rows[req.coordinator_id] = {"secret": secret, "tunnel_url": req.tunnel_url}
         state.registrations.append(req.model_dump())
         return web.json_response(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from tests.worker_agent.conftest import (
     CoordinatorServer,
@@ -248,13 +249,63 @@ async def test_unknown_worker_and_bad_token_reregister_at_once(
     await wait_for(lambda: agent.registrations == 2, timeout=2)
     assert coord.coordinator.registry.get(agent.worker_id) is not None
 
-    # A token the coordinator does not accept: 401, then a fresh registration is refused
-    # (403: the id is registered with another token) until the old record expires.
+    # The coordinator forgot the worker and the agent holds a token it never issued: the
+    # agent registers again with the token it holds (a worker proposes its own token, so a
+    # registration whose reply was lost can be repeated), and its beats are accepted.
     assert agent.identity is not None
     agent.identity.worker_token = "a-token-the-coordinator-never-issued"
     coord.coordinator.registry.remove(agent.worker_id, "test")
     await wait_for(lambda: agent.registrations == 3, timeout=2)
-    assert agent.identity.worker_token != "a-token-the-coordinator-never-issued"
+    record = coord.coordinator.registry.authenticate(agent.worker_id, agent.identity.worker_token)
+    beats = agent.heartbeats
+    await wait_for(lambda: agent.heartbeats >= beats + 2)
+    assert coord.coordinator.registry.get(agent.worker_id) is record
+
+
+async def test_a_lost_registration_reply_is_repeated_with_the_same_token(
+    tmp_path: Path, coordinator_factory: CoordinatorFactory, agents: list[Any]
+) -> None:
+    """The coordinator stored the worker but its answer never arrived: the agent registers
+    again with the token it proposed and is accepted at once, not locked out of its own id."""
+    coord = await coordinator_factory(heartbeat_interval=0.2)
+    replies: list[int] = []
+
+    async def lossy(request: web.Request) -> web.StreamResponse:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{coord.url}/api/worker/register",
+                data=await request.read(),
+                headers={"Content-Type": "application/json"},
+            ) as upstream,
+        ):
+            body = await upstream.read()
+            replies.append(upstream.status)
+        if len(replies) == 1:  # processed by the coordinator, answer lost on the way back
+            return web.json_response({"error": "bad_gateway", "detail": "lost"}, status=502)
+        return web.Response(body=body, status=upstream.status, content_type="application/json")
+
+    front_app = web.Application()
+    front_app.router.add_post("/api/worker/register", lossy)
+    front = await start_site(front_app)
+    try:
+        agent = Agent(
+            agent_settings(
+                tmp_path,
+                coordinator_url=front.url,
+                use_tunnel=False,
+                register_backoff_initial=0.05,
+                register_backoff_max=0.1,
+            )
+        )
+        agents.append(agent)
+        await agent.start()
+        await asyncio.wait_for(agent.registered.wait(), 5)
+        assert replies == [200, 200]  # the second registration was accepted, not 403
+        assert agent.identity is not None
+        coord.coordinator.registry.authenticate(agent.worker_id, agent.identity.worker_token)
+    finally:
+        await front.runner.cleanup()
 
 
 async def test_start_does_not_exit_while_the_coordinator_is_unreachable(
