@@ -69,6 +69,18 @@ def _error_of(body: bytes) -> tuple[str, str]:
     return str(data.get("error", ""))[:100], str(detail)[:300] if detail is not None else ""
 
 
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    """The whole reply body (it may arrive in several pieces), at most MAX_REPLY bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > MAX_REPLY:
+            raise aiohttp.ClientPayloadError(f"reply larger than {MAX_REPLY} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class ControlClient:
     """JSON over HTTP with one session; every call has ``HTTP_TIMEOUT``."""
 
@@ -102,7 +114,7 @@ class ControlClient:
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=limit_s) if limit_s else self.timeout,
             ) as resp:
-                raw = await resp.content.read(MAX_REPLY)
+                raw = await _read_capped(resp)
                 status = resp.status
                 retry_after = _retry_after(resp.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from coordinator.protocol import WorkerHeartbeatRequest, WorkerRegisterRequest
+from coordinator.protocol import EdgeRegisterRequest, WorkerHeartbeatRequest, WorkerRegisterRequest
 from tests.worker_agent.conftest import (
     CoordinatorServer,
     Site,
@@ -180,3 +180,48 @@ async def test_heartbeats_via_the_router_carry_the_coordinator_id(
         await asyncio.sleep(0.02)
     assert agent._beat_target() == coord.url
     assert agent._beat_request().coordinator_id == "coord-r"
+
+
+async def test_a_reply_that_arrives_in_pieces_is_read_whole(
+    client: ControlClient, site_factory: SiteFactory
+) -> None:
+    """A router or tunnel may send a reply in several chunks; the client waits for all of them
+    (it once parsed the first piece alone, failed validation and lost the registration)."""
+    body = (
+        b'{"coordinator_id": "coord-a", "coordinator_secret": "'
+        + b"s" * 43
+        + b'", "heartbeat_interval": 60}'
+    )
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(body[:20])
+        await asyncio.sleep(0.05)
+        await resp.write(body[20:])
+        await resp.write_eof()
+        return resp
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for _ in range(70):
+            await resp.write(b" " * 65536)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/api/edge/register", chunked)
+    site = await site_factory(app)
+    req = EdgeRegisterRequest(coordinator_id="coord-a", tunnel_url="https://a.trycloudflare.com")
+    reply = await client.edge_register(site.url, req, None)
+    assert reply.coordinator_secret == "s" * 43
+    assert reply.heartbeat_interval == 60
+
+    app = web.Application()
+    app.router.add_post("/api/edge/register", huge)
+    site = await site_factory(app)
+    with pytest.raises(Unreachable):
+        await client.edge_register(site.url, req, None)
