@@ -24,6 +24,7 @@ from coordinator.protocol import (
     ServiceOffer,
     ServiceStatus,
 )
+from worker_agent.replies import read_capped
 from worker_agent.settings import WorkerSettings
 
 log = structlog.get_logger("worker_agent.backends")
@@ -134,7 +135,7 @@ async def _get_json(
     async with session.get(
         url, timeout=aiohttp.ClientTimeout(total=limit_s), allow_redirects=False
     ) as resp:
-        body = await resp.content.read(MAX_PROBE_BODY)
+        body = await read_capped(resp, MAX_PROBE_BODY)
         try:
             data: object | None = json.loads(body) if body else None
         except ValueError:

@@ -27,6 +27,7 @@ from coordinator.protocol import (
     WorkerRegisterResponse,
     WorkersResponse,
 )
+from worker_agent.replies import read_capped
 
 M = TypeVar("M", bound=BaseModel)
 MAX_REPLY = 4 * 1024 * 1024
@@ -69,18 +70,6 @@ def _error_of(body: bytes) -> tuple[str, str]:
     return str(data.get("error", ""))[:100], str(detail)[:300] if detail is not None else ""
 
 
-async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
-    """The whole reply body (it may arrive in several pieces), at most MAX_REPLY bytes."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_any():
-        size += len(chunk)
-        if size > MAX_REPLY:
-            raise aiohttp.ClientPayloadError(f"reply larger than {MAX_REPLY} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 class ControlClient:
     """JSON over HTTP with one session; every call has ``HTTP_TIMEOUT``."""
 
@@ -114,7 +103,7 @@ class ControlClient:
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=limit_s) if limit_s else self.timeout,
             ) as resp:
-                raw = await _read_capped(resp)
+                raw = await read_capped(resp, MAX_REPLY)
                 status = resp.status
                 retry_after = _retry_after(resp.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -32,6 +32,7 @@ from typing import Literal
 import aiohttp
 import structlog
 
+from worker_agent.replies import read_capped
 from worker_agent.retry import retry_forever
 from worker_agent.settings import WorkerSettings
 
@@ -205,7 +206,7 @@ class CloudflaredProcess:
             timeout=aiohttp.ClientTimeout(total=self.probe_timeout),
             allow_redirects=False,
         ) as resp:
-            return resp.status, await resp.content.read(64 * 1024)
+            return resp.status, await read_capped(resp, 64 * 1024)
 
     async def hostname(self, session: aiohttp.ClientSession) -> str | None:
         return await quicktunnel_hostname(session, f"http://{self.metrics}", self.probe_timeout)

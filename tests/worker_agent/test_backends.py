@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from tests.worker_agent.conftest import Site, agent_settings, free_port, start_site
-from worker_agent.backends import Backends, ServicesError, parse_services
+from worker_agent.backends import Backends, ServicesError, parse_services, probe_ollama
 
 SiteFactory = Callable[..., Awaitable[Site]]
 
@@ -200,3 +202,26 @@ async def test_explicit_service_is_not_replaced_and_own_gateway_is_not_probed(
 async def test_echo_can_be_turned_off(tmp_path: Path) -> None:
     backends = Backends(agent_settings(tmp_path, echo_service=False))
     assert backends.offers() == []
+
+
+async def test_a_model_list_that_arrives_in_pieces_is_read_whole(
+    site_factory: SiteFactory, http: aiohttp.ClientSession
+) -> None:
+    """An Ollama with many models answers /api/tags in several chunks: all of them count."""
+    models = [f"model-{i:03d}:latest" for i in range(200)]  # below MAX_MODELS (256)
+    body = json.dumps({"models": [{"name": m, "model": m, "size": 1} for m in models]}).encode()
+
+    async def tags(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for start in range(0, len(body), 1000):
+            await resp.write(body[start : start + 1000])
+            await asyncio.sleep(0.001)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/api/tags", tags)
+    site = await site_factory(app)
+    assert await probe_ollama(http, site.url, 5.0) == sorted(models)
