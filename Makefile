@@ -21,7 +21,7 @@ run: $(STAMP)
 	$(BIN)/rma-worker local
 
 ## test: lint, then every test
-test: lint pytest router-test
+test: lint router-test pytest
 
 pytest: $(STAMP) $(ROUTER_STAMP)
 	$(BIN)/python -m pytest -q
