@@ -109,7 +109,12 @@ class EdgeAgent:
         else:
             log.info("edge_standalone", reason="COORDINATOR_URL is empty: no router")
         if settings.edge_worker:
-            self.worker = Agent(settings, coordinator_url=self.local_url, store=self.store)
+            self.worker = Agent(
+                self._worker_settings(),
+                coordinator_url=self.local_url,
+                store=self.store,
+                tunnel_mode="quick" if settings.use_tunnel else "none",
+            )
             await self.worker.start()
         log.info(
             "edge_started",
@@ -117,6 +122,16 @@ class EdgeAgent:
             tunnel_url=self.tunnel_url,
             router=self.router or None,
             worker=self.worker is not None,
+        )
+
+    def _worker_settings(self) -> WorkerSettings:
+        """The compute worker's settings: its gateway needs a tunnel of its own.
+
+        ``TUNNEL_TOKEN``/``TUNNEL_URL``/``TUNNEL_METRICS_URL`` describe the coordinator's tunnel;
+        a worker that advertised that URL would have the coordinator proxy to itself.
+        """
+        return self.settings.model_copy(
+            update={"tunnel_token": None, "tunnel_url": None, "tunnel_metrics_url": None}
         )
 
     @property

@@ -346,7 +346,12 @@ class Tunnel:
             redact=redact,
             probe_timeout=self.settings.tunnel_metrics_timeout,
         )
-        await proc.start()
+        try:
+            await proc.start()
+        except OSError as exc:
+            # The binary vanished or lost its exec bit since it was found (a cleaned cache, an
+            # upgrade in progress): retried with backoff, so the watchdog never dies of it.
+            raise TunnelStartFailed(f"cannot run {argv[0]}: {exc}") from None
         try:
             url = await self._await_url(proc)
             await self._await_ready(proc)

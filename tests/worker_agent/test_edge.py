@@ -174,3 +174,45 @@ async def test_edge_fronts_the_compose_coordinator_and_its_cloudflared(
     finally:
         await router.runner.cleanup()
         await sidecar.stop(3.0)
+
+
+async def test_the_edge_worker_has_a_tunnel_of_its_own(
+    tmp_path: Path,
+    coordinator_factory: CoordinatorFactory,
+    agents: list[Any],
+    reap: list[int],
+) -> None:
+    """EDGE_WORKER=true beside the compose stack's cloudflared: the worker must not advertise
+    the coordinator's tunnel URL (the coordinator would proxy its requests to itself)."""
+    coord = await coordinator_factory("coord-compose")
+    metrics = f"127.0.0.1:{free_port()}"
+    sidecar = CloudflaredProcess(
+        [str(FAKE_CLOUDFLARED), "tunnel", "--url", coord.url, "--metrics", metrics], metrics
+    )
+    await sidecar.start()
+    assert sidecar.pid is not None
+    reap.append(sidecar.pid)
+    try:
+        edge = EdgeAgent(
+            edge_settings(
+                tmp_path,
+                "",
+                local_coordinator_url=coord.url,
+                tunnel_metrics_url=f"http://{metrics}",
+                edge_worker=True,
+            )
+        )
+        agents.append(edge)
+        await edge.start()
+        assert edge.worker is not None
+        await asyncio.wait_for(edge.worker.registered.wait(), 5)
+        assert edge.worker.tunnel_url not in (None, edge.tunnel_url)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{edge.tunnel_url}/service/echo/hello") as resp,
+        ):
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["worker_id"] == edge.worker.worker_id
+        await edge.shutdown()
+    finally:
+        await sidecar.stop(3.0)

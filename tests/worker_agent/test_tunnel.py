@@ -200,6 +200,54 @@ async def test_watchdog_restarts_on_failed_ready_checks_and_reports_the_new_url(
             await watchdog
 
 
+async def test_watchdog_survives_a_binary_that_vanished_and_restarts_when_it_is_back(
+    tmp_path: Path,
+    site_factory: SiteFactory,
+    http: aiohttp.ClientSession,
+    tunnels: list[Tunnel],
+    cf_state: Path,
+) -> None:
+    """cloudflared dies and its binary is gone for a while (a cleaned download cache, an upgrade
+    in progress): the restart is retried with backoff instead of killing the watchdog."""
+    binary = tmp_path / "bin" / "cloudflared"
+    binary.parent.mkdir()
+    binary.write_bytes(FAKE_CLOUDFLARED.read_bytes())
+    binary.chmod(0o755)
+    backend = await site_factory()
+    changes: list[str] = []
+
+    async def on_change(url: str) -> None:
+        changes.append(url)
+
+    tunnel = Tunnel(
+        agent_settings(tmp_path, cloudflared_path=str(binary)),
+        local_url=backend.url,
+        session=http,
+        on_change=on_change,
+    )
+    tunnels.append(tunnel)
+    await tunnel.start()
+    assert tunnel.process is not None
+    watchdog = asyncio.create_task(tunnel.watch())
+    try:
+        aside = binary.with_name("cloudflared.aside")
+        binary.rename(aside)
+        with capture_logs() as logs:
+            await tunnel.process.stop(3.0)
+            await wait_for(
+                lambda: sum(e["event"] == "tunnel_start_retry" for e in logs) >= 2, timeout=5
+            )
+        assert not watchdog.done()
+        assert "cannot run" in next(e for e in logs if e["event"] == "tunnel_start_retry")["error"]
+        aside.rename(binary)
+        await wait_for(lambda: bool(changes), timeout=5)
+        assert (await _get(http, f"{tunnel.url}/x"))[0] == 200
+    finally:
+        watchdog.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await watchdog
+
+
 # ------------------------------------------------------------------------------ named tunnels
 
 
