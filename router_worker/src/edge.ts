@@ -8,10 +8,12 @@ import {
   MAX_CONTROL_BODY,
   parseBody,
   readCapped,
+  readStreamCapped,
   type EdgeHeartbeatRequest,
   type EdgeRegisterRequest,
 } from "./schemas";
-import { invalidate, registry } from "./snapshot";
+import type { RegisterResult } from "./registry";
+import { invalidate, registry, rpc } from "./snapshot";
 import { InvalidTunnelURL, validateTunnelUrl } from "./urls";
 
 const UNAUTHORIZED = { "WWW-Authenticate": "Bearer" };
@@ -21,7 +23,7 @@ async function checkHealth(url: string, id: string, cfg: Config): Promise<void> 
   const controller = new AbortController();
   const timer = setTimeout(() => controller.abort(new Error("timeout")), cfg.upstreamTimeoutMs);
   let status: number;
-  let text: string;
+  let bytes: Uint8Array | null;
   try {
     const resp = await fetch(`${url}/health`, {
       headers: { Accept: "application/json" },
@@ -29,16 +31,19 @@ async function checkHealth(url: string, id: string, cfg: Config): Promise<void> 
       signal: controller.signal,
     });
     status = resp.status;
-    text = await resp.text();
+    // The URL is the registrant's: read at most MAX_CONTROL_BODY of whatever it answers.
+    bytes = status === 200 ? await readStreamCapped(resp.body, MAX_CONTROL_BODY) : null;
+    if (status !== 200) await resp.body?.cancel().catch(() => undefined);
   } catch (err) {
     fail(502, "health_check_failed", `GET ${url}/health: ${err instanceof Error ? err.message : String(err)}`);
   } finally {
     clearTimeout(timer);
   }
   if (status !== 200) fail(502, "health_check_failed", `GET ${url}/health answered HTTP ${status}`);
+  if (bytes === null) fail(502, "health_check_failed", `GET ${url}/health answered more than ${MAX_CONTROL_BODY} bytes`);
   let answered: unknown;
   try {
-    answered = (JSON.parse(text.slice(0, MAX_CONTROL_BODY)) as { coordinator_id?: unknown }).coordinator_id;
+    answered = (JSON.parse(new TextDecoder().decode(bytes)) as { coordinator_id?: unknown }).coordinator_id;
   } catch {
     fail(502, "health_check_failed", `GET ${url}/health did not answer JSON`);
   }
@@ -64,13 +69,20 @@ export async function register(request: Request, env: Env, cfg: Config): Promise
     throw err;
   }
   await checkHealth(url, req.coordinator_id, cfg);
-  const result = await registry(env, cfg).register({
-    id: req.coordinator_id,
-    tunnelUrl: url,
-    secret: req.coordinator_secret ?? null,
-    loc: locationFromCf(request.cf),
-    version: req.version ?? null,
-  });
+  const result = await rpc(
+    async (): Promise<RegisterResult> =>
+      await registry(env, cfg).register({
+        id: req.coordinator_id,
+        tunnelUrl: url,
+        secret: req.coordinator_secret ?? null,
+        loc: locationFromCf(request.cf),
+        version: req.version ?? null,
+        maxCoordinators: cfg.maxCoordinators,
+      }),
+  );
+  if (!result.ok && result.error === "full") {
+    return jsonError(503, "registry_full", `the registry holds its maximum of ${cfg.maxCoordinators} coordinators (MAX_COORDINATORS)`, { "Retry-After": "60" });
+  }
   if (!result.ok) {
     return jsonError(403, "forbidden", "this coordinator_id is registered; re-registering it needs its coordinator_secret");
   }
@@ -89,7 +101,7 @@ export async function heartbeat(request: Request, env: Env, cfg: Config): Promis
     return jsonError(401, "unauthorized", "heartbeats need the coordinator_secret (Authorization: Bearer ...)", UNAUTHORIZED);
   }
   const beat = parseBody<EdgeHeartbeatRequest>(raw, "edgeHeartbeat");
-  const outcome = await registry(env, cfg).heartbeat(secret, beat);
+  const outcome = await rpc(() => registry(env, cfg).heartbeat(secret, beat));
   if (outcome === "unknown") {
     return jsonError(404, "unknown_coordinator", `coordinator ${JSON.stringify(beat.coordinator_id)} is not registered; register again`);
   }
@@ -106,7 +118,7 @@ export async function remove(request: Request, env: Env, cfg: Config, id: string
     return jsonError(401, "unauthorized", "removing a coordinator needs its secret or the admin token", UNAUTHORIZED);
   }
   const admin = env.ADMIN_TOKEN ? await secretEquals(token, env.ADMIN_TOKEN) : false;
-  const outcome = await registry(env, cfg).remove(id, admin ? null : token, admin);
+  const outcome = await rpc(() => registry(env, cfg).remove(id, admin ? null : token, admin));
   if (outcome === "unknown") return jsonError(404, "unknown_coordinator", `coordinator ${JSON.stringify(id)} is not registered`);
   if (outcome === "unauthorized") return jsonError(401, "unauthorized", "wrong coordinator_secret", UNAUTHORIZED);
   await invalidate(cfg);

@@ -31,6 +31,7 @@ export interface Config {
   heartbeatIntervalS: number;
   ttlMs: number;
   evictAfterMs: number;
+  maxCoordinators: number;
   registryName: string;
   locationHint: string;
   snapshotTtlMs: number;
@@ -58,6 +59,13 @@ function list(value: string | undefined, fallback: string[]): string[] {
     .filter((s) => s.length > 0);
 }
 
+/**
+ * The most coordinators the registry holds. Without a join token anyone may register, and one
+ * tunnel whose /health answers a new id each time could otherwise grow the registry (rows written,
+ * snapshot size, CPU per request) without bound. 1,000 is far above what the free plan sustains.
+ */
+export const MAX_COORDINATORS = 1000;
+
 const HINTS = new Set(["wnam", "enam", "sam", "weur", "eeur", "apac", "oc", "afr", "me"]);
 
 export function config(env: Env): Config {
@@ -72,6 +80,7 @@ export function config(env: Env): Config {
     heartbeatIntervalS: interval,
     ttlMs: ttlS * 1000,
     evictAfterMs: Math.max(num(env.EVICT_AFTER_S, 300, 0.1, 30 * 86_400), ttlS) * 1000,
+    maxCoordinators: MAX_COORDINATORS,
     registryName: (env.REGISTRY_NAME ?? "global").trim() || "global",
     locationHint: HINTS.has(hint) ? hint : "weur",
     snapshotTtlMs: num(env.SNAPSHOT_TTL_MS, 5000, 0, 300_000),

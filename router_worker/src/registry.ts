@@ -49,11 +49,13 @@ export interface RegisterInput {
   secret: string | null;
   loc: Location;
   version: string | null;
+  /** MAX_COORDINATORS of the Worker: a new id beyond it is refused. */
+  maxCoordinators?: number;
 }
 
 export type RegisterResult =
   | { ok: true; secret: string; replaced: boolean; heartbeat_interval: number }
-  | { ok: false; error: "forbidden" };
+  | { ok: false; error: "forbidden" | "full" };
 
 export type Outcome = "ok" | "unknown" | "unauthorized";
 
@@ -155,6 +157,11 @@ export class Registry extends DurableObject<Env> {
     }
     if (existing !== undefined && secret === null && !this.expired(input.id, now)) {
       return { ok: false, error: "forbidden" };
+    }
+    if (existing === undefined && input.maxCoordinators !== undefined && this.rows.size >= input.maxCoordinators) {
+      // Full: expired entries give their place up (one row deleted each), as the alarm would.
+      for (const id of [...this.rows.keys()]) if (this.expired(id, now)) this.drop(id);
+      if (this.rows.size >= input.maxCoordinators) return { ok: false, error: "full" };
     }
     // A new (or expired) id keeps the secret its coordinator proposes (the agent persists one
     // before it registers), so a registration whose reply was lost can simply be repeated.

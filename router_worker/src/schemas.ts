@@ -65,8 +65,15 @@ export type SchemaName = keyof typeof VALIDATORS;
 export async function readCapped(request: Request, limit: number): Promise<Uint8Array> {
   const declared = request.headers.get("Content-Length");
   if (declared !== null && Number(declared) > limit) fail(413, "body_too_large", `at most ${limit} bytes`);
-  if (request.body === null) return new Uint8Array();
-  const reader = request.body.getReader();
+  const bytes = await readStreamCapped(request.body, limit);
+  if (bytes === null) fail(413, "body_too_large", `at most ${limit} bytes`);
+  return bytes;
+}
+
+/** A stream's bytes, or null (and the stream cancelled) once it passes `limit` bytes. */
+export async function readStreamCapped(body: ReadableStream<Uint8Array> | null, limit: number): Promise<Uint8Array | null> {
+  if (body === null) return new Uint8Array();
+  const reader = body.getReader();
   const chunks: Uint8Array[] = [];
   let size = 0;
   for (;;) {
@@ -74,8 +81,8 @@ export async function readCapped(request: Request, limit: number): Promise<Uint8
     if (done) break;
     size += value.byteLength;
     if (size > limit) {
-      await reader.cancel();
-      fail(413, "body_too_large", `at most ${limit} bytes`);
+      await reader.cancel().catch(() => undefined);
+      return null;
     }
     chunks.push(value);
   }

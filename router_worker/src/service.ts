@@ -90,7 +90,8 @@ export async function service(
     const target = candidates[0];
     if (target === undefined) return answer(jsonError(503, "no_coordinator", null));
     try {
-      return await fetch(target.url + pathAndQuery, { method: request.method, headers });
+      // redirect: "manual" — the router fetches registered coordinator URLs only, never a Location.
+      return await fetch(target.url + pathAndQuery, { method: request.method, headers, redirect: "manual" });
     } catch (err) {
       reportFailure(env, cfg, ctx, target.id);
       return answer(jsonError(502, "upstream_unavailable", { attempts: [{ coordinator_id: target.id, error: String(err) }] }));

@@ -4,8 +4,10 @@
  * Cache API. A public request therefore costs about 0 Durable Object requests.
  */
 import type { Config, Env } from "./env";
+import { fail } from "./errors";
 import type { CoordinatorView } from "./geo";
 import type { Registry, Snapshot } from "./registry";
+import { InvalidTunnelURL, validateTunnelUrl } from "./urls";
 
 interface Held {
   views: CoordinatorView[];
@@ -23,6 +25,19 @@ export function registry(env: Env, cfg: Config): DurableObjectStub<Registry> {
   });
 }
 
+/**
+ * A registry RPC whose failure (the object overloaded, resetting, or its colo unreachable) is
+ * answered 503 `registry_unavailable` with Retry-After, not as a router bug.
+ */
+export async function rpc<T>(call: () => Promise<T>): Promise<T> {
+  try {
+    return await call();
+  } catch (err) {
+    console.error(JSON.stringify({ event: "registry_unavailable", error: err instanceof Error ? err.message.slice(0, 200) : "error" }));
+    fail(503, "registry_unavailable", "the coordinator registry is unavailable; retry shortly", { "Retry-After": "5" });
+  }
+}
+
 function cacheKey(cfg: Config): Request {
   return new Request(`https://snapshot.rma-edge-router.internal/v1/${encodeURIComponent(cfg.registryName)}`);
 }
@@ -32,6 +47,19 @@ async function colocache(): Promise<Cache | null> {
     return typeof caches === "undefined" ? null : caches.default;
   } catch {
     return null;
+  }
+}
+
+/**
+ * Stored URLs passed the tunnel URL policy when they registered; they are checked again against
+ * the policy in force now (say, after DEV_ALLOW_LOOPBACK was turned off) before any is fetched.
+ */
+function allowed(url: string, cfg: Config): boolean {
+  try {
+    return validateTunnelUrl(url, cfg.allowedSuffixes, cfg.devAllowLoopback) === url;
+  } catch (err) {
+    if (err instanceof InvalidTunnelURL) return false;
+    throw err;
   }
 }
 
@@ -47,21 +75,30 @@ export async function coordinators(env: Env, cfg: Config, ctx: ExecutionContext 
   if (mine !== undefined && now < mine.expires) return mine.views;
   const cache = cfg.snapshotTtlMs > 0 ? await colocache() : null;
   if (cache !== null) {
-    const hit = await cache.match(cacheKey(cfg));
-    if (hit !== undefined) {
-      const stored = (await hit.json()) as { snap: Snapshot; expires: number };
-      if (now < stored.expires) {
-        const views = rebase(stored.snap, now);
-        held.set(cfg.registryName, { views, expires: stored.expires });
-        return views;
-      }
+    const stored = await cache
+      .match(cacheKey(cfg))
+      .then((hit) => (hit === undefined ? null : (hit.json() as Promise<{ snap: Snapshot; expires: number }>)))
+      .catch(() => null); // a cache failure only costs a DO request
+    if (stored !== null && now < stored.expires) {
+      const views = rebase(stored.snap, now).filter((c) => allowed(c.url, cfg));
+      held.set(cfg.registryName, { views, expires: stored.expires });
+      return views;
     }
   }
-  const snap = await registry(env, cfg).snapshot();
-  const views = rebase(snap, now);
+  let snap: Snapshot;
+  try {
+    snap = await registry(env, cfg).snapshot();
+  } catch (err) {
+    // The registry is down: route from the last snapshot this isolate held (its entries still
+    // leave routing when their last beat passes the TTL), else answer 503.
+    if (mine !== undefined) return mine.views;
+    return rpc(() => Promise.reject(err));
+  }
+  const views = rebase(snap, now).filter((c) => allowed(c.url, cfg));
+  // Held even with SNAPSHOT_TTL_MS=0 (expired at once): the fallback while the registry is down.
+  held.set(cfg.registryName, { views, expires: now + cfg.snapshotTtlMs });
   if (cfg.snapshotTtlMs > 0) {
     const expires = now + cfg.snapshotTtlMs;
-    held.set(cfg.registryName, { views, expires });
     if (cache !== null) {
       // The snapshot is re-based on this isolate's clock at `now`.
       const body = JSON.stringify({ snap: { generated_at: now, coordinators: views }, expires });

@@ -13,6 +13,8 @@ export interface Router {
   env: Env;
   /** RPC calls the Worker made on the registry stub, by method name. */
   doCalls: Record<string, number>;
+  /** RPC methods that throw (a registry that is overloaded, resetting or unreachable). */
+  broken: Set<string>;
   call(path: string, init?: RequestInit & { cf?: Record<string, unknown> }): Promise<Response>;
   stub(): DurableObjectStub<Registry>;
 }
@@ -22,6 +24,7 @@ export function router(overrides: Partial<Record<keyof Env, string>> = {}): Rout
   counter += 1;
   const name = `test-${counter}-${crypto.randomUUID().slice(0, 8)}`;
   const doCalls: Record<string, number> = {};
+  const broken = new Set<string>();
   const realNs = baseEnv.REGISTRY;
   const ns = {
     getByName(n: string, opts?: DurableObjectNamespaceGetDurableObjectOptions) {
@@ -30,6 +33,7 @@ export function router(overrides: Partial<Record<keyof Env, string>> = {}): Rout
       for (const m of ["register", "heartbeat", "remove", "snapshot", "reportFailure", "sweep", "stats"]) {
         counted[m] = (...args: unknown[]) => {
           doCalls[m] = (doCalls[m] ?? 0) + 1;
+          if (broken.has(m)) return Promise.reject(new Error("Durable Object is overloaded. Too many requests queued."));
           return (stub[m] as (...a: unknown[]) => unknown)(...args);
         };
       }
@@ -40,6 +44,7 @@ export function router(overrides: Partial<Record<keyof Env, string>> = {}): Rout
   return {
     env,
     doCalls,
+    broken,
     async call(path, init = {}) {
       const { cf, ...rest } = init;
       const request = new Request(`https://api.rmatool.org.uk${path}`, { ...rest, cf } as RequestInit);
@@ -66,7 +71,7 @@ export type Handler = (req: Request) => Response | Promise<Response>;
  */
 export class FakeNet {
   readonly handlers = new Map<string, Handler>();
-  readonly seen: { url: string; method: string; headers: Headers; body: string }[] = [];
+  readonly seen: { url: string; method: string; headers: Headers; body: string; redirect: string }[] = [];
   private readonly real = globalThis.fetch;
 
   install(): this {
@@ -86,7 +91,7 @@ export class FakeNet {
         throw new TypeError(`Network connection lost (no route to ${origin})`);
       }
       const body = req.method === "GET" || req.method === "HEAD" ? "" : await req.clone().text();
-      this.seen.push({ url: req.url, method: req.method, headers: req.headers, body });
+      this.seen.push({ url: req.url, method: req.method, headers: req.headers, body, redirect: req.redirect });
       return handler(req);
     });
     return this;
