@@ -145,7 +145,23 @@ class EdgeAgent:
 
     # ------------------------------------------------------------------ router
 
+    def _follow_local_id(self, coordinator_id: str) -> bool:
+        """Fronted mode: adopt the id the local coordinator reports now; ``True`` if it changed.
+
+        A compose coordinator recreated without its state volume comes back with a new id; the
+        router checks that the tunnel serves the id being registered, so the old one would be
+        refused forever.
+        """
+        if not self.settings.local_coordinator_url or coordinator_id == self.coordinator_id:
+            return False
+        log.warning("local_coordinator_id_changed", old=self.coordinator_id, new=coordinator_id)
+        self.coordinator_id = coordinator_id
+        structlog.contextvars.bind_contextvars(coordinator_id=coordinator_id)
+        return True
+
     async def _register_once(self) -> None:
+        if self.settings.local_coordinator_url:
+            self._follow_local_id((await self._client.health(self.local_url)).coordinator_id)
         identity = self.store.load()
         if identity.coordinator_secret is None:
             # Proposed to the router and kept before it is sent: a lost reply cannot lock this
@@ -189,6 +205,10 @@ class EdgeAgent:
     async def summary(self) -> EdgeHeartbeatRequest:
         """The coordinator's workers, services and load, read from its own API."""
         health = await self._client.health(self.local_url)
+        if self._follow_local_id(health.coordinator_id):
+            raise Rejected(
+                "the local coordinator's id changed", status=404, code="coordinator_id_changed"
+            )
         services = await self._client.services(self.local_url)
         return EdgeHeartbeatRequest(
             coordinator_id=self.coordinator_id,

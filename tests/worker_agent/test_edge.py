@@ -216,3 +216,46 @@ async def test_the_edge_worker_has_a_tunnel_of_its_own(
         await edge.shutdown()
     finally:
         await sidecar.stop(3.0)
+
+
+async def test_a_fronted_coordinator_that_comes_back_with_a_new_id_is_registered_under_it(
+    tmp_path: Path,
+    coordinator_factory: CoordinatorFactory,
+    agents: list[Any],
+    reap: list[int],
+) -> None:
+    """The compose coordinator is recreated without its state volume: a new coordinator_id
+    behind the same tunnel. The registrar must register that id (the router checks it)."""
+    coord = await coordinator_factory("coord-before")
+    metrics = f"127.0.0.1:{free_port()}"
+    sidecar = CloudflaredProcess(
+        [str(FAKE_CLOUDFLARED), "tunnel", "--url", coord.url, "--metrics", metrics], metrics
+    )
+    await sidecar.start()
+    assert sidecar.pid is not None
+    reap.append(sidecar.pid)
+    state = RouterState()
+    router = await start_site(router_app(state))
+    try:
+        edge = EdgeAgent(
+            edge_settings(
+                tmp_path,
+                router.url,
+                local_coordinator_url=coord.url,
+                tunnel_metrics_url=f"http://{metrics}",
+            )
+        )
+        agents.append(edge)
+        await edge.start()
+        await asyncio.wait_for(edge.registered.wait(), 5)
+        assert state.registrations[-1]["coordinator_id"] == "coord-before"
+
+        await coord.stop()
+        coord.coordinator_id = "coord-after"
+        await coord.start()
+        await wait_for(lambda: "coord-after" in state.rows, timeout=5)
+        assert edge.coordinator_id == "coord-after"
+        await wait_for(lambda: any(b["coordinator_id"] == "coord-after" for b in state.heartbeats))
+    finally:
+        await router.runner.cleanup()
+        await sidecar.stop(3.0)
