@@ -139,5 +139,6 @@ class IdentityStore:
                 "identity_not_persisted",
                 path=str(self.path),
                 error=str(exc),
-                hint="set STATE_DIR to a writable directory (a volume in Docker)",
+                hint="set STATE_DIR to a writable directory; in Docker use a named volume, or "
+                "`chown 10001:10001` a bind-mounted directory (the agent runs as uid 10001)",
             )
