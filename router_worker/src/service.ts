@@ -3,7 +3,7 @@ import { apiKeyHashes, clientIp, corsHeaders, matchApiKey, preflight, presentedA
 import type { Config, Env } from "./env";
 import { jsonError } from "./errors";
 import { locationFromCf, rank } from "./geo";
-import { exhausted, forward, forwardHeaders, prepareBody, requestId } from "./proxy";
+import { exhausted, forward, forwardHeaders, prepareBody, requestId, RETRY_STATUSES } from "./proxy";
 import { SERVICE_PATTERN } from "./schemas";
 import { coordinators, localFailureMap, noteFailure, registry } from "./snapshot";
 
@@ -91,7 +91,9 @@ export async function service(
     if (target === undefined) return answer(jsonError(503, "no_coordinator", null));
     try {
       // redirect: "manual" — the router fetches registered coordinator URLs only, never a Location.
-      return await fetch(target.url + pathAndQuery, { method: request.method, headers, redirect: "manual" });
+      const upgraded = await fetch(target.url + pathAndQuery, { method: request.method, headers, redirect: "manual" });
+      if (RETRY_STATUSES.has(upgraded.status)) reportFailure(env, cfg, ctx, target.id); // passive health
+      return upgraded;
     } catch (err) {
       reportFailure(env, cfg, ctx, target.id);
       return answer(jsonError(502, "upstream_unavailable", { attempts: [{ coordinator_id: target.id, error: String(err) }] }));

@@ -154,3 +154,30 @@ describe("stored tunnel URLs", () => {
     expect(net.seen).toHaveLength(0);
   });
 });
+
+describe("registry concurrency (already held: a guard, not a fix)", () => {
+  it("gives a new id to exactly one of two concurrent registrations", async () => {
+    const r = router();
+    const loc = { lat: null, lon: null, country: null, continent: null, colo: null };
+    const reg = (secret: string) =>
+      r.stub().register({ id: "contested", tunnelUrl: "https://contested.trycloudflare.com", secret, loc, version: null });
+    const results = await Promise.all([reg("a".repeat(32)), reg("b".repeat(32)), reg("c".repeat(32))]);
+    expect(results.filter((x) => x.ok)).toHaveLength(1);
+    const winner = results.find((x) => x.ok);
+    const secret = winner?.ok ? winner.secret : "";
+    expect(await r.stub().heartbeat(secret, { coordinator_id: "contested" })).toBe("ok");
+  });
+});
+
+describe("WebSocket upgrades and passive health", () => {
+  it("count a dead tunnel's answer (530) to an upgrade against that coordinator", async () => {
+    const r = router();
+    net.coordinator(LON, "lon");
+    await join(r, "lon", LON, CF_LONDON);
+    net.handlers.set(LON, () => new Response("error code: 1033", { status: 530 }));
+    for (const k of Object.keys(r.doCalls)) delete r.doCalls[k];
+    const resp = await r.call("/service/echo/ws", { headers: { Upgrade: "websocket" }, cf: CF_LONDON });
+    expect(resp.status).toBe(530);
+    expect(r.doCalls.reportFailure).toBe(1);
+  });
+});
