@@ -16,7 +16,16 @@ from aiohttp import web
 
 from coordinator import __version__
 from coordinator.catalog import Catalog
-from coordinator.errors import BadRequest, bearer, json_error, parse_model, read_capped
+from coordinator.errors import (
+    BadRequest,
+    bearer,
+    bearer_token,
+    error_body,
+    json_error,
+    parse_model,
+    read_capped,
+    response_parts,
+)
 from coordinator.metrics import CONTENT_TYPE, Metrics
 from coordinator.openapi import openapi_document
 from coordinator.protocol import (
@@ -168,24 +177,44 @@ class Coordinator:
         body = await read_capped(
             request, self.settings.max_control_body, self.settings.client_read_timeout
         )
-        beat = parse_model(WorkerHeartbeatRequest, body)
-        self._check_version(beat.protocol_version)
+        status, payload, headers = self.answer_heartbeat(body, request.headers.get("Authorization"))
+        return web.Response(
+            status=status, body=payload, content_type="application/json", headers=headers or None
+        )
+
+    def answer_heartbeat(
+        self, body: bytes, authorization: str | None
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """A heartbeat's answer: status, JSON body and extra headers.
+
+        The one implementation behind ``POST /api/worker/heartbeat``, whether aiohttp or the
+        front door (:mod:`coordinator.frontdoor`) read the request; both read the body first
+        (capped at ``MAX_CONTROL_BODY``, 413, and ``CLIENT_READ_TIMEOUT``, 408).
+        """
+        try:
+            beat = parse_model(WorkerHeartbeatRequest, body)
+            self._check_version(beat.protocol_version)
+        except BadRequest as exc:
+            return response_parts(exc.response)
         if beat.coordinator_id is not None and beat.coordinator_id != self.coordinator_id:
             self.metrics.heartbeats.labels("unknown").inc()
-            return json_error(
+            return (
                 404,
-                "unknown_worker",
-                f"this is coordinator {self.coordinator_id!r}, not {beat.coordinator_id!r}; "
-                "register again",
+                error_body(
+                    "unknown_worker",
+                    f"this is coordinator {self.coordinator_id!r}, not {beat.coordinator_id!r}; "
+                    "register again",
+                ),
+                {},
             )
         try:
-            record = self.registry.authenticate(beat.worker_id, bearer(request))
+            record = self.registry.authenticate(beat.worker_id, bearer_token(authorization))
         except UnknownWorker as exc:
             self.metrics.heartbeats.labels("unknown").inc()
-            return json_error(404, exc.code, str(exc))
+            return 404, error_body(exc.code, str(exc)), {}
         except Forbidden as exc:
             self.metrics.heartbeats.labels("unauthorized").inc()
-            return json_error(401, "unauthorized", str(exc), headers={"WWW-Authenticate": "Bearer"})
+            return 401, error_body("unauthorized", str(exc)), {"WWW-Authenticate": "Bearer"}
         self.registry.heartbeat(record, beat)
         self.metrics.heartbeat_ok()
         reply = heartbeat_reply(
@@ -195,7 +224,7 @@ class Coordinator:
             record.assigned,
             self.settings.heartbeat_interval,
         )
-        return web.Response(body=reply, content_type="application/json")
+        return 200, reply, {}
 
     async def unregister(self, request: web.Request) -> web.Response:
         worker_id = request.match_info["worker_id"]

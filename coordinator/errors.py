@@ -22,14 +22,26 @@ def json_error(
     **extra: Any,
 ) -> web.Response:
     """``{"error": code, "detail": ..., "hop": "coordinator", ...}`` with the given status."""
-    body: dict[str, Any] = {"error": error, "detail": detail, "hop": HOP}
-    body.update(extra)
     return web.Response(
         status=status,
-        body=json.dumps(body, separators=(",", ":"), default=str).encode(),
+        body=error_body(error, detail, **extra),
         content_type="application/json",
         headers=headers,
     )
+
+
+def error_body(error: str, detail: Any = None, **extra: Any) -> bytes:
+    """The JSON body of :func:`json_error` (the front door writes the same bytes)."""
+    body: dict[str, Any] = {"error": error, "detail": detail, "hop": HOP}
+    body.update(extra)
+    return json.dumps(body, separators=(",", ":"), default=str).encode()
+
+
+def response_parts(response: web.Response) -> tuple[int, bytes, dict[str, str]]:
+    """A ready :func:`json_error` answer as (status, body, headers other than Content-Type)."""
+    body = response.body if isinstance(response.body, bytes) else b""
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-type"}
+    return response.status, body, headers
 
 
 class BadRequest(Exception):
@@ -79,8 +91,12 @@ def parse_model(model: type[M], body: bytes) -> M:
 
 
 def bearer(request: web.Request) -> str | None:
-    value = request.headers.get("Authorization", "")
-    scheme, _, token = value.partition(" ")
+    return bearer_token(request.headers.get("Authorization"))
+
+
+def bearer_token(value: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer ...`` header value, or None."""
+    scheme, _, token = (value or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
     try:

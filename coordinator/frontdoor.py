@@ -1,19 +1,30 @@
-"""The coordinator's front door: ``/service/...`` served without aiohttp's server machinery.
+"""The coordinator's front door: ``/service/...`` and heartbeats served without aiohttp's server.
 
 aiohttp's request handling (request objects, routing, middlewares, response objects) costs
 about as much CPU per request as nginx spends proxying one, so no handler running inside it can
 proxy at half of nginx's rate. This module puts a small ``asyncio.Protocol`` on the
 coordinator's port. For each request it looks at the request line: a ``/service/...`` request
 is parsed with ``httptools`` and proxied here (same scheduling, header policy, retries, errors,
-metrics and streaming as :mod:`coordinator.proxy`); any other request hands the connection, with
-the bytes already read, to aiohttp's own protocol, which serves it and the rest of the
-connection unchanged.
+metrics and streaming as :mod:`coordinator.proxy`); ``POST /api/worker/heartbeat`` (the hot
+control-plane request) is answered here too, by the same :meth:`Coordinator.answer_heartbeat`
+the aiohttp route uses, after reading the body as ``read_capped`` does (413 past
+``MAX_CONTROL_BODY``, never buffered beyond it; 408 past ``CLIENT_READ_TIMEOUT``). Any other
+request hands the connection, with the bytes already read, to aiohttp's own protocol.
 
-Limits of the hand-off: a keep-alive connection whose next request is not ``/service/...``
-moves to aiohttp for good (later proxied requests on it take aiohttp's path, with the same
-behaviour). A client that *pipelines* a non-proxy request right behind a proxied one in the
-same packet gets the proxied answers and then a closed connection (HTTP/1.1 allows a server to
-close; pipelining clients retry what was not answered).
+Limits of the hand-off: aiohttp keeps a connection it is given, so the front door adds
+``Connection: close`` to the handed-over request (when its request line is in the bytes read):
+aiohttp answers that one request, says ``Connection: close`` and closes, and the client's next
+request arrives on a new connection that starts here again. Dispatch is thus per request, as a
+pooled keep-alive client such as cloudflared mixes proxied and control-plane requests on its
+connections. Two cases stay with aiohttp for the rest of the connection (served with the same
+behaviour, only slower): an HTTP/1.0 request that asks for keep-alive (the C parser lets its
+"keep-alive" win over the added "close"), and a request line that was not complete when the
+hand-off decision was made. A client that *pipelines* a non-front-door request right behind
+one of ours in the same packet gets our answers and then a closed connection (HTTP/1.1 allows
+a server to close; pipelining clients retry what was not answered); one pipelined in a later
+packet is handed over once our answers are out, and is then answered with ``Connection:
+close``, closing the connection, so requests pipelined behind it in the same packet are not
+answered either.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ import structlog
 from aiohttp import web
 from aiohttp.web_server import Server
 
-from coordinator.errors import HOP
+from coordinator.errors import HOP, error_body
 from coordinator.headers import HOP_BY_HOP, REQUEST_ID_RE
 from coordinator.protocol import GATEWAY_KEY_HEADER, INTERNAL_HEADER_PREFIX, REQUEST_ID_HEADER
 from coordinator.proxy import (
@@ -58,6 +69,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("coordinator.proxy")
 
 _SERVICE = b"/service/"
+_HEARTBEAT = b"/api/worker/heartbeat"  # POST only, with or without a query (as aiohttp routes it)
+_HEARTBEAT_Q = _HEARTBEAT + b"?"
+_CLOSE = b"Connection: close\r\n"
 _MAX_LINE = 8190  # aiohttp's default request-line limit
 _MAX_FIELD = 16_384  # the app's max_field_size
 _MAX_HEAD = 64 * 1024
@@ -72,7 +86,10 @@ _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
 def route_of(head: bytes) -> bool | None:
-    """Whether a request starting with ``head`` is for ``/service/...`` (None: need more bytes)."""
+    """Whether the front door serves a request starting with ``head`` (None: need more bytes).
+
+    It serves ``/service/...`` (any method) and ``POST /api/worker/heartbeat``.
+    """
     head = head.lstrip(b"\r\n")
     end = head.find(b"\r\n")
     line = head if end < 0 else head[:end]
@@ -80,9 +97,36 @@ def route_of(head: bytes) -> bool | None:
     if space < 0:
         return None if end < 0 and len(line) < 16 else False
     target = line[space + 1 : space + 1 + len(_SERVICE)]
-    if len(target) < len(_SERVICE):
-        return None if end < 0 and _SERVICE.startswith(target) else False
-    return target == _SERVICE
+    if target == _SERVICE:
+        return True
+    if len(target) < len(_SERVICE) and end < 0 and _SERVICE.startswith(target):
+        return None
+    if line[:space] != b"POST":
+        return False
+    target = line[space + 1 : space + 2 + len(_HEARTBEAT)]
+    if len(target) <= len(_HEARTBEAT):
+        return None if end < 0 and _HEARTBEAT.startswith(target) else False
+    return target.startswith(_HEARTBEAT) and target[-1:] in (b" ", b"?")
+
+
+def _is_heartbeat(method: bytes, target: bytes) -> bool:
+    return method == b"POST" and (target == _HEARTBEAT or target.startswith(_HEARTBEAT_Q))
+
+
+def _close_after_one(data: bytes) -> bytes:
+    """``data`` with ``Connection: close`` added to its first request, if its request line is there.
+
+    aiohttp then closes the connection after answering that request, so the client's next one
+    opens a new connection, which starts at the front door. Both of aiohttp's parsers treat
+    "close" as winning over a "keep-alive" also sent, for HTTP/1.1; for HTTP/1.0, llhttp (the C
+    parser) lets a "keep-alive" win, so such a connection stays with aiohttp as before.
+    """
+    start = len(data) - len(data.lstrip(b"\r\n"))
+    end = data.find(b"\r\n", start)
+    if end < 0:
+        return data
+    end += 2
+    return data[:end] + _CLOSE + data[end:]
 
 
 class _Divert(Exception):
@@ -108,9 +152,12 @@ class _Request:
         "done",
         "expect",
         "headers",
+        "heartbeat",
         "http11",
         "keep_alive",
+        "limit",
         "method",
+        "over",
         "owner",
         "target",
         "waiter",
@@ -142,6 +189,9 @@ class _Request:
         self.content_type = ""
         self.expect = False
         self.connection: list[bytes] = []
+        self.heartbeat = False
+        self.limit: int | None = None  # body bytes accepted; past it, `over` and the rest dropped
+        self.over = False
         for name, value in headers:
             lower = name.lower()
             if lower == b"content-length":
@@ -162,10 +212,10 @@ class _Request:
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
 
-    def header(self, name: bytes) -> str | None:
+    def header(self, name: bytes, encoding: str = "latin-1") -> str | None:
         for key, value in self.headers:
             if key.lower() == name:
-                return value.decode("latin-1")
+                return value.decode(encoding, "surrogateescape")
         return None
 
     def wake(self) -> None:
@@ -307,22 +357,25 @@ class FrontProtocol(asyncio.Protocol):
             self.write_waiter.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        self.idle_since = None
         if self.handoff_pending is not None:
             self.handoff_pending += data
             return
         if self.close_after:
             return
         if self.in_message:
+            self.idle_since = None
             self._feed(data)
             return
         buf = self.pending + data if self.pending else data
         ours = route_of(buf)
         if ours is None:
             if len(buf) <= _MAX_LINE:
+                # Not busy yet: a connection that never completes its request line still
+                # closes when the idle timer fires.
                 self.pending = buf
                 return
             ours = False  # aiohttp answers an over-long request line
+        self.idle_since = None
         self.pending = b""
         if ours:
             self._feed(buf)
@@ -378,7 +431,13 @@ class FrontProtocol(asyncio.Protocol):
         self._url += url
         if len(self._url) > _MAX_LINE:
             raise _HeadTooLarge
-        if len(self._url) >= len(_SERVICE) and not self._url.startswith(_SERVICE):
+        url = self._url
+        if (
+            len(url) >= len(_SERVICE)
+            and not url.startswith(_SERVICE)
+            and not url.startswith(_HEARTBEAT)
+            and not _HEARTBEAT.startswith(url)
+        ):
             raise _Divert
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -392,17 +451,22 @@ class FrontProtocol(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        if not self._url.startswith(_SERVICE):
-            raise _Divert
         parser = self.parser
+        method = parser.get_method()
+        heartbeat = _is_heartbeat(method, self._url)
+        if not heartbeat and not self._url.startswith(_SERVICE):
+            raise _Divert
         req = _Request(
             self,
-            parser.get_method().decode("ascii", "replace"),
+            method.decode("ascii", "replace"),
             self._url,
             self._headers,
             parser.should_keep_alive(),
             parser.get_http_version() == "1.1",
         )
+        if heartbeat:
+            req.heartbeat = True
+            req.limit = self.front.coordinator.settings.max_control_body
         self.parsing = req
         if self.task is None:
             self.task = self.loop.create_task(self._serve(req))
@@ -412,6 +476,13 @@ class FrontProtocol(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         req = self.parsing
         if req is None or req.discard:
+            return
+        if req.limit is not None and req.consumed + req.buffered + len(body) > req.limit:
+            req.over = True  # never buffered past the cap; the answer is 413
+            req.discard = True
+            req.body.clear()
+            req.buffered = 0
+            req.wake()
             return
         req.body.append(body)
         req.buffered += len(body)
@@ -500,7 +571,7 @@ class FrontProtocol(asyncio.Protocol):
         if not self.can_write:
             protocol.pause_writing()
         if data:
-            protocol.data_received(data)
+            protocol.data_received(_close_after_one(data))
 
     # ---------------------------------------------------------------- serving
 
@@ -546,6 +617,9 @@ class FrontProtocol(asyncio.Protocol):
             return
 
     async def _answer(self, req: _Request) -> None:
+        if req.heartbeat:
+            await self._heartbeat(req)
+            return
         coord = self.front.coordinator
         registry = coord.registry
         settings = coord.settings
@@ -644,6 +718,44 @@ class FrontProtocol(asyncio.Protocol):
             )
             return
         self._unavailable(req, "all_workers_busy", f"every {service!r} worker is busy")
+
+    async def _heartbeat(self, req: _Request) -> None:
+        """``POST /api/worker/heartbeat``: read the body as ``read_capped`` does, then answer."""
+        coord = self.front.coordinator
+        limit = coord.settings.max_control_body
+        limit_s = coord.settings.client_read_timeout
+        if req.over or (req.content_length is not None and req.content_length > limit):
+            self._reply(req, 413, error_body("body_too_large", f"at most {limit} bytes"))
+            return
+        self._continue(req)
+        parts: list[bytes] = []
+        try:
+            async with asyncio.timeout(limit_s):  # a slow body (slowloris) is cut off: 408
+                while not req.over:
+                    data = req.take()
+                    if data is None:
+                        break
+                    if data:
+                        parts.append(data)
+                    else:
+                        await req.wait()
+        except TimeoutError:
+            body = error_body("request_timeout", f"the body took longer than {limit_s} s")
+            self._reply(req, 408, body)
+            return
+        if req.over:
+            self._reply(req, 413, error_body("body_too_large", f"at most {limit} bytes"))
+            return
+        status, payload, headers = coord.answer_heartbeat(
+            b"".join(parts), req.header(b"authorization", "utf-8")
+        )
+        self._reply(req, status, payload, headers)
+
+    def _reply(
+        self, req: _Request, status: int, payload: bytes, headers: dict[str, str] | None = None
+    ) -> None:
+        close = not req.keep_alive or self.close_after or not req.done
+        self._write(_response(status, payload, headers=headers, close=close))
 
     def _continue(self, req: _Request) -> None:
         if req.expect and req.http11:
@@ -911,6 +1023,16 @@ def _json_response(
     if "hop" not in body:
         body = {**body, "hop": HOP}
     payload = json.dumps(body, separators=(",", ":"), default=str).encode()
+    return _response(status, payload, headers=headers, close=close)
+
+
+def _response(
+    status: int,
+    payload: bytes,
+    *,
+    headers: dict[str, str] | None = None,
+    close: bool = False,
+) -> bytes:
     head = [
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
         "Content-Type: application/json",

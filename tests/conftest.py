@@ -189,8 +189,8 @@ class FrontTestServer(TestServer):
 def fed_factory(aiohttp_client: Any, tmp_path: Path) -> Callable[..., Awaitable[Fed]]:
     async def factory(**overrides: Any) -> Fed:
         app = create_app(make_settings(tmp_path, **overrides), coordinator_id="coord-test")
-        # A new connection per request: each one meets the front door's routing decision (a
-        # keep-alive connection moves to aiohttp after its first control-plane request;
+        # A new connection per request: each one meets the front door's routing decision
+        # (aiohttp closes a connection after the control-plane request handed to it;
         # tests/coordinator/test_frontdoor.py covers keep-alive and that path).
         client = await aiohttp_client(
             FrontTestServer(app, host="127.0.0.1"),

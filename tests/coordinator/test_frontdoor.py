@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
+import aiohttp
 import pytest
 
 from coordinator.frontdoor import FrontServer, front_server, route_of
@@ -59,6 +61,14 @@ def _get(path: str, extra: str = "") -> bytes:
         (b"GET http://h/service/a HTTP/1.1\r\n", False),
         (b"GET", None),
         (b"NOT-HTTP\r\n", False),
+        (b"POST /api/worker/heartbeat HTTP/1.1\r\n", True),
+        (b"POST /api/worker/heartbeat?x=1 HTTP/1.1\r\n", True),
+        (b"POST /api/worker/heart", None),
+        (b"POST /api/worker/heartbeat", None),
+        (b"POST /api/worker/heartbeatx HTTP/1.1\r\n", False),
+        (b"POST /api/worker/heartbeat/ HTTP/1.1\r\n", False),
+        (b"GET /api/worker/heartbeat HTTP/1.1\r\n", False),
+        (b"POST /api/worker/register HTTP/1.1\r\n", False),
     ],
 )
 def test_route_of(head: bytes, expected: bool | None) -> None:
@@ -79,21 +89,59 @@ async def test_keep_alive_connection_mixes_proxy_and_control_plane(
         assert headers["x-request-id"] == "rid-1"
         assert json.loads(body)["tail"] == "one"
         assert _front(fed).served == served + 1  # answered by the front door
-        # A control-plane request on the same connection: aiohttp takes the connection over.
-        writer.write(_get("/health"))
-        status, _, body = await _response(reader)
+        # A control-plane request on the same connection (the client asks for keep-alive):
+        # aiohttp answers it and closes the connection.
+        writer.write(_get("/health", "Connection: keep-alive\r\n"))
+        status, headers, body = await _response(reader)
         assert status == 200
+        assert headers["connection"] == "close"
         assert json.loads(body)["coordinator_id"] == "coord-test"
-        # Proxied requests keep working on it (through aiohttp's path, same behaviour).
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
+    # The client's next request, on a new connection, starts at the front door again.
+    reader, writer = await _open(fed)
+    try:
         writer.write(_get("/service/echo/two", "X-Request-Id: rid-2\r\nX-RMA-Evil: 1\r\n"))
         status, headers, body = await _response(reader)
         assert status == 200
         assert headers["x-request-id"] == "rid-2"
         assert json.loads(body)["tail"] == "two"
         assert "X-RMA-Evil" not in backend.seen[-1]["headers"]
-        assert _front(fed).served == served + 1
+        assert _front(fed).served == served + 2
     finally:
         writer.close()
+
+
+async def test_pooled_client_keeps_reaching_the_front_door(
+    fed: Fed, backend_factory: BackendFactory
+) -> None:
+    """A keep-alive client (as cloudflared is) mixing traffic: every proxied request is ours."""
+    backend = await backend_factory()
+    reply = await fed.register(backend.url)
+    front = _front(fed)
+    url = f"http://127.0.0.1:{fed.client.server.port}"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
+        for i in range(3):
+            served = front.served
+            async with http.get(f"{url}/service/echo/a{i}") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["tail"] == f"a{i}"
+            assert front.served == served + 1
+            async with http.get(f"{url}/api/services") as resp:  # aiohttp's, then closed
+                assert resp.status == 200
+                assert resp.headers["Connection"] == "close"
+            async with http.post(
+                f"{url}/api/worker/heartbeat",
+                json={"worker_id": reply["worker_id"]},
+                headers={"Authorization": f"Bearer {reply['worker_token']}"},
+            ) as resp:  # the front door's, on the new connection
+                assert resp.status == 200
+                assert (await resp.json())["state"] == "active"
+                assert "Connection" not in resp.headers  # kept alive
+            async with http.get(f"{url}/service/echo/b{i}") as resp:
+                assert resp.status == 200
+            assert front.served == served + 3
 
 
 async def test_pipelined_proxy_requests_answer_in_order(
@@ -238,3 +286,174 @@ async def test_idle_keep_alive_connections_close(
         assert await asyncio.wait_for(reader.read(), 2) == b""
     finally:
         writer.close()
+
+
+# ---------------------------------------------------------------- heartbeats at the front door
+
+_NATIVE = "/api/worker/heartbeat"
+_VIA_AIOHTTP = "/api/worker/%68eartbeat"  # the same route for aiohttp's router; not ours
+
+
+def _post(path: str, body: bytes, extra: bytes = b"") -> bytes:
+    return (
+        b"POST %b HTTP/1.1\r\nHost: coord.test\r\nContent-Type: application/json\r\n"
+        b"%bContent-Length: %d\r\n\r\n%b" % (path.encode(), extra, len(body), body)
+    )
+
+
+async def _exchange(fed: Fed, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await _open(fed)
+    try:
+        writer.write(request)
+        return await _response(reader)
+    finally:
+        writer.close()
+
+
+def _auth(token: str) -> bytes:
+    return b"Authorization: Bearer %b\r\n" % token.encode()
+
+
+_CASES: dict[str, tuple[bytes, str | None]] = {
+    # name: (body, Authorization line: "token" for the worker's, None for none, else raw)
+    "broken_json": (b"{not json", "token"),
+    "empty": (b"", "token"),
+    "not_an_object": (b"[]", "token"),
+    "invalid_utf8": (b"\xc3\x28\xa0\xa1", "token"),
+    "bad_worker_id": (b'{"worker_id": "../x"}', "token"),
+    "extra_field": (b'{"worker_id": "alpha", "evil": 1}', "token"),
+    "bad_field_value": (b'{"worker_id": "alpha", "cpu_pct": 900}', "token"),
+    "protocol_version": (b'{"worker_id": "alpha", "protocol_version": 99}', "token"),
+    "unknown_worker": (b'{"worker_id": "nobody"}', "token"),
+    "wrong_token": (b'{"worker_id": "alpha"}', "Authorization: Bearer " + "x" * 43),
+    "no_token": (b'{"worker_id": "alpha"}', None),
+    "basic_auth": (b'{"worker_id": "alpha"}', "Authorization: Basic eDp5"),
+    "raw_bytes_token": (b'{"worker_id": "alpha"}', "Authorization: Bearer \xff\xfe\xfd"),
+    "misrouted": (b'{"worker_id": "alpha", "coordinator_id": "coord-other"}', "token"),
+    "too_large": (b'{"worker_id": "alpha", "x": "' + b"a" * 70_000 + b'"}', "token"),
+    "ok": (b'{"worker_id": "alpha", "active_requests": 3}', "token"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CASES))
+async def test_heartbeat_answers_as_aiohttp_did(
+    fed: Fed, backend_factory: BackendFactory, case: str
+) -> None:
+    backend = await backend_factory()
+    reply = await fed.register(backend.url, worker_id="alpha")
+    body, auth = _CASES[case]
+    line = (
+        _auth(reply["worker_token"])
+        if auth == "token"
+        else b""
+        if auth is None
+        else auth.encode("latin-1") + b"\r\n"
+    )
+    front = _front(fed)
+    counts = {}
+    answers = []
+    for path in (_VIA_AIOHTTP, _NATIVE, _NATIVE + "?from=test"):
+        served = front.served
+        status, headers, payload = await _exchange(fed, _post(path, body, line))
+        counts[path] = front.served - served
+        answers.append((status, json.loads(payload), headers.get("www-authenticate")))
+    assert counts == {_VIA_AIOHTTP: 0, _NATIVE: 1, _NATIVE + "?from=test": 1}
+    assert answers[1] == answers[0]
+    assert answers[2] == answers[0]
+    assert answers[0][0] != 500
+
+
+async def test_heartbeat_keeps_the_connection_and_counts(
+    fed: Fed, backend_factory: BackendFactory
+) -> None:
+    backend = await backend_factory()
+    reply = await fed.register(backend.url, worker_id="alpha")
+    front = _front(fed)
+    served = front.served
+    metric = 'rma_heartbeats_total{outcome="ok"}'
+
+    async def beats_ok() -> float:
+        text = await (await fed.client.get("/metrics")).text()
+        line = next(x for x in text.splitlines() if x.startswith(metric))
+        return float(line.split()[-1])
+
+    before = await beats_ok()
+    reader, writer = await _open(fed)
+    try:
+        for active in (1, 2):
+            body = b'{"worker_id": "alpha", "active_requests": %d}' % active
+            writer.write(_post(_NATIVE, body, _auth(reply["worker_token"])))
+            status, headers, payload = await _response(reader)
+            assert status == 200
+            assert "connection" not in headers
+            assert json.loads(payload)["worker_id"] == "alpha"
+        # Chunked and Expect: 100-continue, on the same connection.
+        writer.write(
+            b"POST /api/worker/heartbeat HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+            b"Expect: 100-continue\r\n%b\r\n" % _auth(reply["worker_token"])
+        )
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim.startswith(b"HTTP/1.1 100")
+        for part in (b'{"worker_id": ', b'"alpha"}'):
+            writer.write(b"%x\r\n%b\r\n" % (len(part), part))
+        writer.write(b"0\r\n\r\n")
+        status, _, payload = await _response(reader)
+        assert status == 200
+        assert json.loads(payload)["state"] == "active"
+    finally:
+        writer.close()
+    assert front.served == served + 3
+    assert await beats_ok() == before + 3
+    assert fed.coordinator.registry.get("alpha") is not None
+
+
+async def test_slow_heartbeat_body_is_408(
+    fed_factory: Any, backend_factory: BackendFactory
+) -> None:
+    fed = await fed_factory(client_read_timeout=0.5)
+    backend = await backend_factory()
+    reply = await fed.register(backend.url, worker_id="alpha")
+    reader, writer = await _open(fed)
+    try:
+        writer.write(
+            b"POST /api/worker/heartbeat HTTP/1.1\r\nHost: a\r\nContent-Length: 200\r\n"
+            b'%b\r\n{"worker_id": ' % _auth(reply["worker_token"])
+        )
+        status, headers, body = await _response(reader)  # the body never completes
+        assert status == 408
+        assert json.loads(body)["error"] == "request_timeout"
+        assert headers["connection"] == "close"
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "expect-continue"])
+async def test_oversized_heartbeat_is_413_without_reading_it_all(fed: Fed, framing: str) -> None:
+    served = _front(fed).served
+    limit = fed.coordinator.settings.max_control_body
+    reader, writer = await _open(fed)
+    try:
+        head = b"POST /api/worker/heartbeat HTTP/1.1\r\nHost: a\r\n"
+        if framing == "chunked":
+            part = b"x" * (limit + 1)
+            # More than the cap, and the body never ends: the answer cannot wait for it.
+            writer.write(
+                head + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n" % (len(part), part)
+            )
+        elif framing == "content-length":
+            writer.write(head + b"Content-Length: 100000000\r\n\r\n" + b"x" * 1000)
+        else:
+            writer.write(head + b"Expect: 100-continue\r\nContent-Length: 100000000\r\n\r\n")
+        status, headers, body = await _response(reader)  # no "100 Continue" before it
+        assert status == 413
+        assert json.loads(body) == {
+            "error": "body_too_large",
+            "detail": f"at most {limit} bytes",
+            "hop": "coordinator",
+        }
+        assert headers["connection"] == "close"
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
+    assert _front(fed).served == served + 1
