@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import TypeVar
 
 import aiohttp
@@ -59,11 +60,22 @@ class Rejected(ControlError):
     """The other side refused the request (4xx)."""
 
 
+_TITLE = re.compile(rb"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+
+
+def _text_detail(body: bytes) -> str:
+    """A one-line excerpt of a reply that is not JSON: an HTML page's ``<title>`` (a Cloudflare
+    or captive-portal error page), else its first bytes, whitespace collapsed."""
+    match = _TITLE.search(body[:65536])
+    text = (match.group(1) if match else body[:200]).decode("utf-8", "replace")
+    return " ".join(text.split())[:200]
+
+
 def _error_of(body: bytes) -> tuple[str, str]:
     try:
         data = json.loads(body)
     except ValueError:
-        return "", body[:200].decode("utf-8", "replace")
+        return "", _text_detail(body)
     if not isinstance(data, dict):
         return "", ""
     detail = data.get("detail")

@@ -28,6 +28,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
@@ -45,6 +46,7 @@ _RATE_LIMITED = ("429 too many requests", "error code: 1015", "failed to unmarsh
 _BOX_URL = re.compile(r"\|\s+(https?://[^\s|]+)\s+\|")
 _LEVEL = re.compile(r"^\S+\s+(DBG|INF|WRN|ERR|FTL)\s")
 _LOOPBACK = frozenset({"localhost"})
+_HOSTNAME = re.compile(r"^(?=.{1,253}(:|$))[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?$")
 
 
 class TunnelError(Exception):
@@ -122,6 +124,14 @@ def url_from_hostname(hostname: str) -> str:
     return f"{'http' if _is_loopback(host) else 'https'}://{value}"
 
 
+def _tunnel_url_or_none(url: str) -> str | None:
+    """``url`` if it is a bare ``http(s)://host[:port]`` (what a quick-tunnel banner shows)."""
+    parts = urlsplit(url.rstrip("/"))
+    if parts.scheme not in ("http", "https") or parts.path or parts.query or parts.fragment:
+        return None
+    return url.rstrip("/") if _HOSTNAME.match(parts.netloc) else None
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -191,7 +201,7 @@ class CloudflaredProcess:
             if "your quick tunnel has been created" in lower:
                 seen_box = True
             elif seen_box and self.banner_url is None and (m := _BOX_URL.search(line)):
-                self.banner_url = m.group(1)
+                self.banner_url = _tunnel_url_or_none(m.group(1))
             level = m.group(1) if (m := _LEVEL.match(line)) else "INF"
             if level in ("ERR", "FTL"):
                 log.warning("cloudflared", line=line)
@@ -259,7 +269,14 @@ async def quicktunnel_hostname(
     except (aiohttp.ClientError, TimeoutError, ValueError):
         return None
     host = data.get("hostname") if isinstance(data, dict) else None
-    return host.strip() if isinstance(host, str) and host.strip() else None
+    if not isinstance(host, str) or not host.strip():
+        return None
+    if not _HOSTNAME.match(host.strip()):
+        # Not a hostname (a changed or broken metrics server): never advertise it; the caller
+        # keeps polling, falls back to the banner, or restarts cloudflared.
+        log.warning("quicktunnel_hostname_invalid", hostname=host[:100])
+        return None
+    return host.strip()
 
 
 class Tunnel:

@@ -104,6 +104,47 @@ async def test_server_errors_bad_replies_and_redirects_are_unreachable(
         await client.health(f"http://127.0.0.1:{free_port()}")
 
 
+CLOUDFLARE_PAGE = """<!DOCTYPE html>
+<html lang="en-US">
+<head>
+<title>api.rmatool.org.uk | 502: Bad gateway</title>
+<meta charset="UTF-8" />
+</head>
+<body><div id="cf-error-details">
+  <h1>Bad gateway</h1> <span>Error code 502</span>
+</div></body></html>
+"""
+
+
+async def test_an_html_error_page_is_reported_by_its_title_on_one_line(
+    client: ControlClient, site_factory: SiteFactory
+) -> None:
+    """A Cloudflare error page (or a proxy's) instead of the JSON contract: the log line names
+    the page's title, not 200 bytes of markup with line breaks."""
+
+    async def bad_gateway(request: web.Request) -> web.Response:
+        return web.Response(status=502, text=CLOUDFLARE_PAGE, content_type="text/html")
+
+    async def blocked(request: web.Request) -> web.Response:
+        page = CLOUDFLARE_PAGE.replace("502: Bad gateway", "Attention Required!")
+        return web.Response(status=403, text=page, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_post("/a/api/worker/register", bad_gateway)
+    app.router.add_post("/b/api/worker/heartbeat", blocked)
+    site = await site_factory(app)
+    with pytest.raises(Unreachable) as info:
+        await client.register(f"{site.url}/a", register_request("http://127.0.0.1:1"), None)
+    assert info.value.status == 502
+    assert "api.rmatool.org.uk | 502: Bad gateway" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert "<" not in str(info.value)
+    with pytest.raises(Rejected) as rejected:
+        await client.heartbeat(f"{site.url}/b", WorkerHeartbeatRequest(worker_id="w"), "t" * 20)
+    assert rejected.value.status == 403
+    assert str(rejected.value).endswith("Attention Required!")
+
+
 async def test_backoff_grows_with_jitter_up_to_the_maximum() -> None:
     attempts = 0
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
@@ -27,7 +28,9 @@ from worker_agent.tunnel import (
     CloudflaredProcess,
     Tunnel,
     TunnelError,
+    _tunnel_url_or_none,
     find_cloudflared,
+    quicktunnel_hostname,
     url_from_hostname,
 )
 
@@ -136,6 +139,36 @@ async def test_quick_tunnel_url_from_the_banner_when_there_is_no_quicktunnel_rou
         url = await tunnel.start()
     assert any(e["event"] == "tunnel_url_from_banner" for e in logs)
     assert (await _get(http, f"{url}/x"))[0] == 200
+
+
+@pytest.mark.parametrize(
+    "hostname",
+    ["<html>oops</html>", "abc.trycloudflare.com/path", "two words", "https://x.example"],
+)
+async def test_a_quicktunnel_answer_that_is_no_hostname_is_never_advertised(
+    site_factory: SiteFactory, http: aiohttp.ClientSession, hostname: str
+) -> None:
+    """An unexpected /quicktunnel answer (a changed or broken metrics server) is ignored, as an
+    unexpected banner line is, instead of becoming the URL the agent registers."""
+
+    async def fixed(request: web.Request) -> web.Response:
+        return web.json_response({"hostname": hostname})
+
+    app = web.Application()
+    app.router.add_get("/quicktunnel", fixed)
+    metrics = await site_factory(app)
+    with capture_logs() as logs:
+        assert await quicktunnel_hostname(http, metrics.url) is None
+    assert [e["event"] for e in logs] == ["quicktunnel_hostname_invalid"]
+
+
+def test_banner_urls_are_bare_origins() -> None:
+    assert _tunnel_url_or_none("https://abc-def.trycloudflare.com") == (
+        "https://abc-def.trycloudflare.com"
+    )
+    assert _tunnel_url_or_none("http://127.0.0.1:4567/") == "http://127.0.0.1:4567"
+    for bad in ("https://api.trycloudflare.com/tunnel", "https://a.b?x=1", "ftp://a.b", "https://"):
+        assert _tunnel_url_or_none(bad) is None
 
 
 async def test_rate_limited_creation_is_retried_with_backoff(
