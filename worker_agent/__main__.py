@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import sys
 from collections.abc import Callable, Coroutine
@@ -226,11 +227,17 @@ async def local(settings: WorkerSettings) -> int:
     stack = LocalStack(settings)
     try:
         await serve(stack, on_started=stack.print_banner)
+    except TimeoutError as exc:  # an OSError subclass, but not a busy port
+        sys.stderr.write(f"rma-worker local: start-up timed out ({exc or 'no detail'}).\n")
+        return 1
     except OSError as exc:
-        sys.stderr.write(
-            f"rma-worker local: cannot listen on 127.0.0.1:{settings.coordinator_port}: {exc}. "
-            "Set COORDINATOR_PORT to a free port.\n"
-        )
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            sys.stderr.write(
+                f"rma-worker local: cannot listen on 127.0.0.1:{settings.coordinator_port}: "
+                f"{exc}. Set COORDINATOR_PORT to a free port.\n"
+            )
+        else:
+            sys.stderr.write(f"rma-worker local: cannot start: {exc}\n")
         return 1
     return 0
 

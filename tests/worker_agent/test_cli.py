@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -157,6 +158,27 @@ def test_render_status_without_health() -> None:
     )
     assert "coordinator c1" in text
     assert "a, b, c, d, e ..." in text
+
+
+async def test_local_on_a_busy_port_says_which_setting_to_change(
+    tmp_path: Path, reap: list[int]
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            RMA_WORKER,
+            "local",
+            env=agent_env(tmp_path, COORDINATOR_PORT=str(port)),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        reap.append(proc.pid)
+        _, err = await asyncio.wait_for(proc.communicate(), 15)
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in err.decode()
+    assert "Set COORDINATOR_PORT to a free port" in err.decode()
 
 
 async def test_local_runs_a_whole_federation_in_one_process(
