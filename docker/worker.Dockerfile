@@ -90,9 +90,12 @@ WORKDIR /var/lib/rma-worker
 # The identity (worker id, coordinator id and their secrets) lives here: keep it in a volume so
 # that it survives `docker rm` and an image upgrade.
 VOLUME ["/var/lib/rma-worker"]
-# The agent's own gateway answers GET /health (open, no key) on GATEWAY_PORT.
+# The agent's own gateway answers GET /health (open, no key). It listens on GATEWAY_PORT, or on a
+# free port when that one is taken (--network host beside another server): the agent writes
+# the URL it really serves to STATE_DIR/health-url, which this check reads (standard library
+# only, no agent start-up cost). In edge mode it is the in-process coordinator's /health.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=90s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('GATEWAY_PORT', '8000'), timeout=4)"]
+    CMD ["python", "-m", "worker_agent.healthcheck"]
 # Exec form: rma-worker is PID 1 and gets SIGTERM itself (it drains for DRAIN_TIMEOUT, 30 s by
 # default, so stop with `docker stop -t 45` / `stop_grace_period: 45s`).
 STOPSIGNAL SIGTERM

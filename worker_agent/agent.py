@@ -39,6 +39,7 @@ from worker_agent.backends import Backends
 from worker_agent.capabilities import MIB, GpuMonitor, detect, resolve_worker_type
 from worker_agent.client import ControlClient, ControlError, Rejected, Unreachable
 from worker_agent.gateway import Gateway
+from worker_agent.healthcheck import write_health_url
 from worker_agent.identity import Identity, IdentityStore
 from worker_agent.retry import retry_forever
 from worker_agent.settings import WorkerSettings
@@ -129,6 +130,8 @@ class Agent:
         )
         host = settings.gateway_host
         local_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        if local_host == "127.0.0.1":
+            write_health_url(settings.state_dir, port)  # the container's health check reads it
         self.tunnel = Tunnel(
             settings,
             local_url=f"http://{local_host}:{port}",

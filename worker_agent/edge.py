@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
@@ -30,6 +31,7 @@ from worker_agent import __version__
 from worker_agent.agent import Agent
 from worker_agent.client import ControlClient, ControlError, Rejected, Unreachable
 from worker_agent.embedded import EmbeddedCoordinator, coordinator_settings
+from worker_agent.healthcheck import write_health_url
 from worker_agent.identity import IdentityStore, new_coordinator_id
 from worker_agent.retry import retry_forever
 from worker_agent.settings import WorkerSettings
@@ -97,6 +99,7 @@ class EdgeAgent:
             self._max_inflight = csettings.max_inflight
             self.embedded = EmbeddedCoordinator(csettings, coordinator_id=self.coordinator_id)
             self.local_url = await self.embedded.start()
+            write_health_url(settings.state_dir, urlsplit(self.local_url).port or 80)
         structlog.contextvars.bind_contextvars(coordinator_id=self.coordinator_id)
 
         self.tunnel = Tunnel(
