@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import agent_footprint
+from bench import agent_footprint, wrangler
 from bench.httpclient import Client
 from bench.procs import (
     CLIENT_CORE,
@@ -49,8 +49,8 @@ from bench.report import Report, Row
 from bench.scenarios import Options, log
 
 ROOT = Path(__file__).resolve().parents[1]
-ROUTER_DIR = ROOT / "router_worker"
-WRANGLER = ROUTER_DIR / "node_modules" / ".bin" / "wrangler"
+ROUTER_DIR = wrangler.ROUTER_DIR
+WRANGLER = wrangler.WRANGLER
 RWORKER = Path(sys.executable).parent / "rma-worker"
 NO_ROUTER = "router_worker/node_modules missing (`make router-deps`)"
 WRANGLER_NOTE = (
@@ -105,30 +105,8 @@ def start_router(procs: Procs, tmp: Path, **router_vars: str) -> Router:
     port = free_port()
     work = tmp / f"router-{port}"
     work.mkdir(parents=True, exist_ok=True)
-    argv = [
-        str(WRANGLER),
-        "dev",
-        "--ip",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--inspector-port",
-        "0",
-        "--persist-to",
-        str(work / "state"),
-        "--show-interactive-dev-session=false",
-        "--log-level",
-        "warn",
-    ]
-    for key, value in {"DEV_ALLOW_LOOPBACK": "true", **router_vars}.items():
-        argv += ["--var", f"{key}:{value}"]
-    env = {
-        "WRANGLER_SEND_METRICS": "false",
-        "CLOUDFLARE_CF_FETCH_ENABLED": "false",
-        "WRANGLER_LOG_PATH": str(work / "logs"),
-        "XDG_CONFIG_HOME": str(work / "config"),
-        "NO_COLOR": "1",
-    }
+    argv = wrangler.dev_command(port, work, {"DEV_ALLOW_LOOPBACK": "true", **router_vars})
+    env = wrangler.dev_environment(work)
     proc = Proc(f"router-{port}", pinned(argv, SERVER_CORE), log_dir=tmp, env=env, cwd=ROUTER_DIR)
     procs._procs.append(proc)  # stopped with the others (Procs.start has no cwd)
     router = Router(proc, port)

@@ -29,9 +29,11 @@ from typing import Any
 
 import pytest
 
+from bench import wrangler
+
 ROOT = Path(__file__).resolve().parents[2]
-ROUTER_DIR = ROOT / "router_worker"
-WRANGLER = ROUTER_DIR / "node_modules" / ".bin" / "wrangler"
+ROUTER_DIR = wrangler.ROUTER_DIR
+WRANGLER = wrangler.WRANGLER
 START_TIMEOUT_S = 60.0
 
 
@@ -109,31 +111,8 @@ def start_router(tmp_path: Path, port: int | None = None, **router_vars: str) ->
     values = {"DEV_ALLOW_LOOPBACK": "true", **{k: str(v) for k, v in router_vars.items()}}
     work = tmp_path / f"router-{port}"
     work.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        str(WRANGLER),
-        "dev",
-        "--ip",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--inspector-port",
-        "0",
-        "--persist-to",
-        str(work / "state"),
-        "--show-interactive-dev-session=false",
-        "--log-level",
-        "warn",
-    ]
-    for key, value in values.items():
-        cmd += ["--var", f"{key}:{value}"]
-    env = {
-        **os.environ,
-        "WRANGLER_SEND_METRICS": "false",
-        "CLOUDFLARE_CF_FETCH_ENABLED": "false",
-        "WRANGLER_LOG_PATH": str(work / "logs"),
-        "XDG_CONFIG_HOME": str(work / "config"),
-        "NO_COLOR": "1",
-    }
+    cmd = wrangler.dev_command(port, work, values)
+    env = {**os.environ, **wrangler.dev_environment(work)}
     log = work / "wrangler.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
