@@ -48,7 +48,6 @@ from bench.procs import (
 from bench.report import Report, Row
 from bench.scenarios import Options, log
 
-ROOT = Path(__file__).resolve().parents[1]
 ROUTER_DIR = wrangler.ROUTER_DIR
 WRANGLER = wrangler.WRANGLER
 RWORKER = Path(sys.executable).parent / "rma-worker"
