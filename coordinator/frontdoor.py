@@ -34,6 +34,8 @@ import collections
 import json
 import os
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote
@@ -64,7 +66,8 @@ from coordinator.upstream import (
 if TYPE_CHECKING:
     from coordinator.app import Coordinator
     from coordinator.registry import WorkerRecord
-    from coordinator.scheduler import Slot
+    from coordinator.scheduler import Pool, Slot
+    from coordinator.upstream import UpstreamPool, _Connection
 
 log = structlog.get_logger("coordinator.proxy")
 
@@ -83,6 +86,22 @@ _REPLACED_RESPONSE_B = frozenset(h.encode() for h in _REPLACED_RESPONSE)
 _REPLACED_REQUEST_B = frozenset(h.encode() for h in _REPLACED_REQUEST)
 _INTERNAL_B = INTERNAL_HEADER_PREFIX.encode()
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+_REQUEST_ID_B = REQUEST_ID_HEADER.encode()
+_GATEWAY_KEY_B = GATEWAY_KEY_HEADER.encode()
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+def _str_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+
+
+def _host_value(key: tuple[str, str, int]) -> bytes:
+    """The Host header :class:`UpstreamPool` sends to ``key = (scheme, host, port)``."""
+    scheme, host, port = key
+    default_port = 443 if scheme == "https" else 80
+    if ":" in host:  # an IPv6 literal is bracketed in Host (RFC 9110 7.2)
+        host = f"[{host}]"
+    return (host if port == default_port else f"{host}:{port}").encode("latin-1")
 
 
 def route_of(head: bytes) -> bool | None:
@@ -151,6 +170,7 @@ class _Request:
         "discard",
         "done",
         "expect",
+        "fast",
         "headers",
         "heartbeat",
         "http11",
@@ -190,6 +210,7 @@ class _Request:
         self.expect = False
         self.connection: list[bytes] = []
         self.heartbeat = False
+        self.fast = False
         self.limit: int | None = None  # body bytes accepted; past it, `over` and the rest dropped
         self.over = False
         for name, value in headers:
@@ -259,6 +280,68 @@ class _Request:
         return b"".join([chunk async for chunk in self.chunks()])
 
 
+class _Exchange:
+    """A request proxied from callbacks: the held slot and the pooled connection in use."""
+
+    __slots__ = (
+        "conn",
+        "headers",
+        "path",
+        "pool",
+        "req",
+        "request_id",
+        "service",
+        "slot",
+        "started",
+        "timer",
+        "upstream_pool",
+    )
+    timer: asyncio.TimerHandle
+    started: float
+
+    def __init__(
+        self,
+        req: _Request | None,
+        slot: Slot | None,
+        conn: _Connection | None,
+        upstream_pool: UpstreamPool | None,
+        service: str,
+        pool: Pool | None,
+        path: str,
+        headers: list[tuple[bytes, bytes]],
+        request_id: str,
+    ) -> None:
+        self.req = cast("_Request", req)
+        self.slot = cast("Slot", slot)
+        self.conn = cast("_Connection", conn)
+        self.upstream_pool = cast("UpstreamPool", upstream_pool)
+        self.service = service
+        self.pool = cast("Pool", pool)
+        self.path = path
+        self.headers = headers
+        self.request_id = request_id
+
+
+#: Marks a request to be served from callbacks once its message is complete.
+_PENDING = _Exchange(None, None, None, None, "", None, "", [], "")
+
+
+def _idle_connection(pool: UpstreamPool, key: tuple[str, str, int]) -> _Connection | None:
+    """A live idle pooled connection to ``key`` (as :class:`UpstreamPool` picks one), or None."""
+    idle = pool._idle.get(key)
+    if not idle:
+        return None
+    deadline = time.monotonic() - pool.keepalive_timeout
+    while idle:
+        conn = idle.pop()
+        if not conn.closed and conn.idle_since > deadline:
+            conn.reused = True
+            return conn
+        if conn.transport is not None:
+            conn.transport.close()
+    return None
+
+
 class FrontServer:
     """Protocol factory on the coordinator's port; wraps aiohttp's ``Server`` (the fallback)."""
 
@@ -280,17 +363,25 @@ class FrontServer:
     def pre_shutdown(self) -> None:
         self.inner.pre_shutdown()
         for conn in list(self.connections):
-            if conn.task is None:
+            if not conn.busy:
                 conn.close()
 
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (Server API)
         await self.inner.shutdown(timeout)
+        deadline = self.loop.time() + (timeout if timeout is not None else 60.0)
+        # Exchanges driven by callbacks have no task to wait for; shutdown is rare.
+        while any(c.fast is not None for c in self.connections):
+            if self.loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.01)
         tasks = [c.task for c in self.connections if c.task is not None]
         if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
+            await asyncio.wait(tasks, timeout=max(0.0, deadline - self.loop.time()))
         for conn in list(self.connections):
             if conn.task is not None:
                 conn.task.cancel()
+            if conn.fast is not None:
+                conn._abandon(conn.fast)
             conn.close()
         self.connections.clear()
 
@@ -309,6 +400,7 @@ class FrontProtocol(asyncio.Protocol):
         self.parsing: _Request | None = None
         self.queue: collections.deque[_Request] = collections.deque()
         self.task: asyncio.Task[None] | None = None
+        self.fast: _Exchange | None = None  # a request answered from callbacks, without a task
         self.lost = False
         self.close_after = False
         self.reading_paused = False
@@ -321,6 +413,11 @@ class FrontProtocol(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0
+
+    @property
+    def busy(self) -> bool:
+        """Whether an answer is in progress (a task, or an exchange driven by callbacks)."""
+        return self.task is not None or self.fast is not None
 
     # ---------------------------------------------------------------- asyncio.Protocol
 
@@ -341,6 +438,8 @@ class FrontProtocol(asyncio.Protocol):
             self.idle_timer.cancel()
         if self.task is not None:
             self.task.cancel()
+        if self.fast is not None:
+            self._abandon(self.fast)
         for req in (self.parsing, *self.queue):
             if req is not None:
                 req.wake()
@@ -379,7 +478,7 @@ class FrontProtocol(asyncio.Protocol):
         self.pending = b""
         if ours:
             self._feed(buf)
-        elif self.task is None:
+        elif not self.busy:
             self.handoff(buf)
         else:  # a pipelined request for aiohttp: hand over once our answers are out
             self.handoff_pending = buf
@@ -393,12 +492,15 @@ class FrontProtocol(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             # Upgrade requests are proxied as plain requests (Upgrade is hop-by-hop); what
             # follows on the connection is another protocol, so it closes after the answer.
-            if self.parsing is not None:
-                self.parsing.done = True
-                self.parsing.wake()
-                self.parsing = None
+            req = self.parsing
+            self.parsing = None
             self.in_message = False
             self._stop_reading()
+            if req is not None:
+                req.done = True
+                req.wake()
+                if req.fast:
+                    self._fast_start(req)
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _HeadTooLarge):
                 self._refuse(431, "headers_too_large", "the request head is too large")
@@ -410,13 +512,13 @@ class FrontProtocol(asyncio.Protocol):
     def _stop_reading(self) -> None:
         self.close_after = True
         self._pause_reading()
-        if self.task is None and self.transport is not None:
+        if not self.busy and self.transport is not None:
             self.transport.close()
 
     def _refuse(self, status: int, code: str, detail: str) -> None:
         self.close_after = True
         self._pause_reading()
-        if self.task is None:
+        if not self.busy:
             self._write(_json_response(status, {"error": code, "detail": detail}, close=True))
             self.close()
         # else: the answer in progress finishes, then the connection closes
@@ -468,10 +570,13 @@ class FrontProtocol(asyncio.Protocol):
             req.heartbeat = True
             req.limit = self.front.coordinator.settings.max_control_body
         self.parsing = req
-        if self.task is None:
-            self.task = self.loop.create_task(self._serve(req))
-        else:
+        if self.busy:
             self.queue.append(req)
+        elif not heartbeat and not req.has_body:
+            req.fast = True  # answered from callbacks once the message is complete
+            self.fast = _PENDING
+        else:
+            self.task = self.loop.create_task(self._serve(req))
 
     def on_body(self, body: bytes) -> None:
         req = self.parsing
@@ -497,6 +602,8 @@ class FrontProtocol(asyncio.Protocol):
         if req is not None:
             req.done = True
             req.wake()
+            if req.fast:
+                self._fast_start(req)
 
     # ---------------------------------------------------------------- flow control
 
@@ -575,55 +682,66 @@ class FrontProtocol(asyncio.Protocol):
 
     # ---------------------------------------------------------------- serving
 
-    async def _serve(self, req: _Request) -> None:
+    async def _serve(
+        self, req: _Request, first: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         while True:
             try:
-                await self._answer(req)
+                if first is not None:
+                    await first()
+                    first = None
+                else:
+                    await self._answer(req)
             except (asyncio.CancelledError, ConnectionResetError):
                 self.task = None
                 self.close()
                 return
             except Exception:
-                log.exception("internal_error", path=req.target.decode("latin-1"))
-                self._write(
-                    _json_response(
-                        500,
-                        {"error": "internal_error", "detail": "the coordinator failed; a bug"},
-                        close=True,
-                    )
-                )
                 self.task = None
-                self.close()
+                self._crashed(req)
                 return
-            self.front.served += 1
-            if not req.done:
-                # The answer did not need the rest of the body: stop here rather than read it.
-                req.discard = True
-                self.close_after = True
-            if not req.keep_alive or self.close_after or self.lost:
-                self.task = None
-                self.close()
-                return
-            if self.queue:
-                req = self.queue.popleft()
-                continue
             self.task = None
-            pending, self.handoff_pending = self.handoff_pending, None
-            if pending is not None:
-                self.handoff(pending)
+            nxt = self._answered(req)
+            if nxt is None:
                 return
-            self._resume_reading()
-            self._idle()
-            return
+            self.task = asyncio.current_task()  # still this task: serve the queued one
+            req = nxt
 
-    async def _answer(self, req: _Request) -> None:
-        if req.heartbeat:
-            await self._heartbeat(req)
-            return
+    def _crashed(self, req: _Request) -> None:
+        log.exception("internal_error", path=req.target.decode("latin-1"))
+        self._write(
+            _json_response(
+                500,
+                {"error": "internal_error", "detail": "the coordinator failed; a bug"},
+                close=True,
+            )
+        )
+        self.close()
+
+    def _answered(self, req: _Request) -> _Request | None:
+        """After an answer (no task or exchange running): the queued request to serve next."""
+        self.front.served += 1
+        if not req.done:
+            # The answer did not need the rest of the body: stop here rather than read it.
+            req.discard = True
+            self.close_after = True
+        if not req.keep_alive or self.close_after or self.lost:
+            self.close()
+            return None
+        if self.queue:
+            return self.queue.popleft()
+        pending, self.handoff_pending = self.handoff_pending, None
+        if pending is not None:
+            self.handoff(pending)
+            return None
+        self._resume_reading()
+        self._idle()
+        return None
+
+    def _check(self, req: _Request) -> tuple[str, str, str] | None:
+        """``(service, tail, query)`` of a proxied request, or None once an error is answered."""
         coord = self.front.coordinator
         registry = coord.registry
-        settings = coord.settings
-        proxy = coord.proxy
         target = req.target.decode("latin-1")
         raw_path, _, query = target.partition("?")
         name, slash, rest = raw_path[len("/service/") :].partition("/")
@@ -639,16 +757,53 @@ class FrontProtocol(asyncio.Protocol):
                 f"no service named {name!r}",
                 available=registry.service_names(),
             )
-            return
+            return None
         if ("." in tail or "%" in tail) and any(
             seg in (".", "..") for seg in unquote(tail).split("/")
         ):
             self._error(req, 400, "invalid_path", "dot segments are not allowed")
-            return
-        if proxy.in_flight >= settings.max_inflight:
+            return None
+        if coord.proxy.in_flight >= coord.settings.max_inflight:
             self._unavailable(req, "overloaded", "the coordinator is at its concurrency limit")
-            return
+            return None
+        return service, tail, query
 
+    def _plan(
+        self, req: _Request, service: str, tail: str, query: str, model: str | None
+    ) -> tuple[Pool, str, list[tuple[bytes, bytes]], str] | None:
+        """``(pool, path, headers, request_id)``, or None once an error is answered."""
+        registry = self.front.coordinator.registry
+        pool = registry.pool(service, model)
+        if pool is None and model is not None and registry.models(service):
+            self._error(
+                req,
+                404,
+                "model_not_available",
+                f"no worker of {service!r} serves model {model!r}",
+                available=registry.models(service),
+            )
+            return None
+        if pool is None or pool.size == 0:
+            self._unavailable(req, "no_ready_workers", f"no worker is ready for {service!r}")
+            return None
+        presented = req.header(b"x-request-id")
+        request_id = (
+            presented
+            if presented is not None and REQUEST_ID_RE.match(presented)
+            else os.urandom(16).hex()
+        )
+        path = f"/service/{service}{tail or '/'}" + (f"?{query}" if query else "")
+        return pool, path, self._request_headers(req, request_id), request_id
+
+    async def _answer(self, req: _Request) -> None:
+        if req.heartbeat:
+            await self._heartbeat(req)
+            return
+        checked = self._check(req)
+        if checked is None:
+            return
+        service, tail, query = checked
+        settings = self.front.coordinator.settings
         body: bytes | None = None
         model: str | None = None
         length = req.content_length
@@ -661,29 +816,24 @@ class FrontProtocol(asyncio.Protocol):
             self._continue(req)
             body = await req.read()
             model = sniff_model(body)
-
-        pool = registry.pool(service, model)
-        if pool is None and model is not None and registry.models(service):
-            self._error(
-                req,
-                404,
-                "model_not_available",
-                f"no worker of {service!r} serves model {model!r}",
-                available=registry.models(service),
-            )
+        plan = self._plan(req, service, tail, query, model)
+        if plan is None:
             return
-        if pool is None or pool.size == 0:
-            self._unavailable(req, "no_ready_workers", f"no worker is ready for {service!r}")
-            return
+        pool, path, headers, request_id = plan
+        await self._attempts(req, service, pool, path, _str_headers(headers), body, request_id)
 
-        presented = req.header(b"x-request-id")
-        request_id = (
-            presented
-            if presented is not None and REQUEST_ID_RE.match(presented)
-            else os.urandom(16).hex()
-        )
-        path = f"/service/{service}{tail or '/'}" + (f"?{query}" if query else "")
-        headers = self._request_headers(req, request_id)
+    async def _attempts(
+        self,
+        req: _Request,
+        service: str,
+        pool: Pool,
+        path: str,
+        headers: list[tuple[str, str]],
+        body: bytes | None,
+        request_id: str,
+    ) -> None:
+        registry = self.front.coordinator.registry
+        settings = self.front.coordinator.settings
         exclude: frozenset[str] = frozenset()
         last_failed: WorkerRecord | None = None
         for attempt in range(1 + settings.proxy_retries):
@@ -718,6 +868,215 @@ class FrontProtocol(asyncio.Protocol):
             )
             return
         self._unavailable(req, "all_workers_busy", f"every {service!r} worker is busy")
+
+    # ---------------------------------------------------------------- the callback-driven path
+
+    def _spawn(self, req: _Request, first: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.task = self.loop.create_task(self._serve(req, first))
+
+    def _fast_start(self, req: _Request) -> None:
+        """Serve a complete request without a body, without a task while all goes well.
+
+        With an idle pooled connection to the picked worker, the request head is written here
+        and the answer is written from the callback of the response head (a small response
+        complete by then is answered at once; any other gets a task that streams it). Every
+        other case (no idle connection, a pooled connection the worker had closed) is served
+        by the task path, :meth:`_attempts`, as requests with a body are.
+        """
+        req.fast = False
+        self.fast = None
+        if self.lost:
+            return
+        try:
+            self._fast_begin(req)
+        except Exception:
+            if self.fast is not None:
+                self._abandon(self.fast)
+            self._crashed(req)
+
+    def _fast_begin(self, req: _Request) -> None:
+        checked = self._check(req)
+        if checked is None:
+            self._after_fast(req)
+            return
+        service, tail, query = checked
+        plan = self._plan(req, service, tail, query, None)
+        if plan is None:
+            self._after_fast(req)
+            return
+        pool, path, headers, request_id = plan
+        coord = self.front.coordinator
+        upstream_pool = coord.proxy._pool
+        slot = pool.pick(coord.registry.rng)
+        conn = None
+        if slot is not None and upstream_pool is not None:
+            conn = _idle_connection(upstream_pool, slot.worker.origin)
+        if slot is None or conn is None or conn.transport is None:
+            self._spawn(
+                req,
+                partial(
+                    self._attempts,
+                    req,
+                    service,
+                    pool,
+                    path,
+                    _str_headers(headers),
+                    None,
+                    request_id,
+                ),
+            )
+            return
+        assert upstream_pool is not None
+        worker = slot.worker
+        key = worker.origin
+        method = req.method
+        head = [
+            b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method.encode(), path.encode(), _host_value(key))
+        ]
+        head.extend([b"%s: %s\r\n" % kv for kv in headers])
+        if worker.gateway_key:
+            head.append(b"%s: %s\r\n" % (_GATEWAY_KEY_B, worker.gateway_key.encode("latin-1")))
+        if method in _BODY_METHODS:
+            head.append(b"Content-Length: 0\r\n")
+        head.append(b"\r\n")
+        coord.registry.acquire(slot)
+        coord.proxy.in_flight += 1
+        conn.begin(head=method == "HEAD")
+        conn.transport.write(b"".join(head))
+        timer = self.loop.call_later(upstream_pool.read_timeout, conn.time_out, "no response")
+        ex = _Exchange(req, slot, conn, upstream_pool, service, pool, path, headers, request_id)
+        ex.timer = timer
+        ex.started = time.perf_counter()
+        self.fast = ex
+        conn.headers_done.add_done_callback(partial(self._fast_headers, ex))
+
+    def _fast_headers(self, ex: _Exchange, fut: asyncio.Future[None]) -> None:
+        if self.fast is not ex:
+            return  # the client went away; _abandon cleaned up
+        ex.timer.cancel()
+        try:
+            self._fast_answer(ex, fut)
+        except Exception:
+            if self.fast is ex:
+                self._abandon(ex)
+            self._crashed(ex.req)
+
+    def _fast_answer(self, ex: _Exchange, fut: asyncio.Future[None]) -> None:
+        req, conn, worker = ex.req, ex.conn, ex.slot.worker
+        coord = self.front.coordinator
+        exc = fut.exception()
+        if exc is not None:
+            if isinstance(exc, Disconnected):
+                # A pooled connection the worker had closed: the task path tries again.
+                self._fast_end(ex, 0)
+                headers = _str_headers(ex.headers)
+                self._spawn(
+                    req,
+                    partial(
+                        self._attempts,
+                        req,
+                        ex.service,
+                        ex.pool,
+                        ex.path,
+                        headers,
+                        None,
+                        ex.request_id,
+                    ),
+                )
+                return
+            if isinstance(exc, ResponseTimeout):
+                status = 504
+                self._worker_error(
+                    req,
+                    worker,
+                    ex.request_id,
+                    504,
+                    "worker_timeout",
+                    f"no response within {coord.settings.proxy_ttfb_timeout:g} s",
+                )
+            elif isinstance(exc, UpstreamError):
+                status = 502
+                log.warning(
+                    "worker_bad_response",
+                    worker_id=worker.worker_id,
+                    request_id=ex.request_id,
+                    error=str(exc),
+                )
+                self._worker_error(
+                    req,
+                    worker,
+                    ex.request_id,
+                    502,
+                    "worker_bad_response",
+                    "the worker's answer was not valid HTTP",
+                )
+            else:
+                raise exc
+            self._fast_end(ex, status)
+            self._after_fast(req)
+            return
+        upstream = UpstreamResponse(ex.upstream_pool, worker.origin, conn)
+        status = upstream.status
+        coord.metrics.observe_response(ex.service, time.perf_counter() - ex.started)
+        length = upstream.content_length
+        if (
+            conn.complete
+            and length is not None
+            and length <= _SMALL_BODY
+            and status >= 200
+            and status not in _NO_BODY_STATUS
+            and req.method != "HEAD"
+            and upstream.content_type != "text/event-stream"
+        ):
+            parts = []
+            while (data := conn.take()) is not None:
+                parts.append(data)
+            payload = b"".join(parts)
+            lines = self._response_head(upstream, request_id=ex.request_id)
+            lines.append(b"Content-Length: %d\r\n" % len(payload))
+            if not req.keep_alive or self.close_after:
+                lines.append(b"Connection: close\r\n")
+            lines.append(b"\r\n")
+            lines.append(payload)
+            self._write(b"".join(lines))
+            upstream.release()
+            self._fast_end(ex, status)
+            self._after_fast(req)
+            return
+        self.fast = None  # the slot stays held until the task has relayed the body
+        self._spawn(req, partial(self._fast_relay, ex, upstream))
+
+    async def _fast_relay(self, ex: _Exchange, upstream: UpstreamResponse) -> None:
+        try:
+            await self._relay(ex.req, upstream, ex.slot.worker, ex.request_id)
+        finally:
+            self._release(ex, upstream.status)
+
+    def _release(self, ex: _Exchange, status: int) -> None:
+        coord = self.front.coordinator
+        coord.proxy.in_flight -= 1
+        coord.registry.release(ex.slot)
+        if status:
+            coord.metrics.proxied(ex.service, status)
+
+    def _fast_end(self, ex: _Exchange, status: int) -> None:
+        self.fast = None
+        self._release(ex, status)
+
+    def _abandon(self, ex: _Exchange) -> None:
+        """The exchange in progress ends unanswered (the client left, or a bug)."""
+        self.fast = None
+        if ex is _PENDING:
+            return
+        ex.timer.cancel()
+        if ex.conn.transport is not None:
+            ex.conn.transport.close()
+        self._release(ex, 0)
+
+    def _after_fast(self, req: _Request) -> None:
+        nxt = self._answered(req)
+        if nxt is not None:
+            self._spawn(nxt)
 
     async def _heartbeat(self, req: _Request) -> None:
         """``POST /api/worker/heartbeat``: read the body as ``read_capped`` does, then answer."""
@@ -762,26 +1121,26 @@ class FrontProtocol(asyncio.Protocol):
             req.expect = False
             self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def _request_headers(self, req: _Request, request_id: str) -> list[tuple[str, str]]:
+    def _request_headers(self, req: _Request, request_id: str) -> list[tuple[bytes, bytes]]:
         drop = _HOP_B.union(req.connection) if req.connection else _HOP_B
-        out: list[tuple[str, str]] = []
+        out: list[tuple[bytes, bytes]] = []
         client = host = None
         https = False
         for key, value in req.headers:
             lower = key.lower()
             if lower == b"cf-connecting-ip":
-                client = value.decode("latin-1")
+                client = value
             elif lower == b"cf-ray":
                 https = True
             elif lower == b"host" and host is None:
-                host = value.decode("latin-1")
+                host = value
             if lower in drop or lower in _REPLACED_REQUEST_B or lower.startswith(_INTERNAL_B):
                 continue
-            out.append((key.decode("latin-1"), value.decode("latin-1")))
-        out.append(("X-Forwarded-For", client or self.peer))
-        out.append(("X-Forwarded-Proto", "https" if https else "http"))
-        out.append(("X-Forwarded-Host", host or self.local))
-        out.append((REQUEST_ID_HEADER, request_id))
+            out.append((key, value))
+        out.append((b"X-Forwarded-For", client or self.peer.encode("latin-1")))
+        out.append((b"X-Forwarded-Proto", b"https" if https else b"http"))
+        out.append((b"X-Forwarded-Host", host or self.local.encode("latin-1")))
+        out.append((_REQUEST_ID_B, request_id.encode("latin-1")))
         return out
 
     async def _send(
@@ -883,9 +1242,8 @@ class FrontProtocol(asyncio.Protocol):
             if status:
                 metrics.proxied(service, status)
 
-    async def _relay(
-        self, req: _Request, upstream: UpstreamResponse, worker: WorkerRecord, request_id: str
-    ) -> None:
+    def _response_head(self, upstream: UpstreamResponse, request_id: str) -> list[bytes]:
+        """The status line and the worker's headers as relayed, plus X-Request-Id."""
         raw = upstream.raw_headers
         drop = _HOP_B
         for key, value in raw:
@@ -899,6 +1257,13 @@ class FrontProtocol(asyncio.Protocol):
                 continue
             lines.append(b"%b: %b\r\n" % (key, value))
         lines.append(b"X-Request-Id: %b\r\n" % request_id.encode("latin-1"))
+        return lines
+
+    async def _relay(
+        self, req: _Request, upstream: UpstreamResponse, worker: WorkerRecord, request_id: str
+    ) -> None:
+        lines = self._response_head(upstream, request_id)
+        status = upstream.status
         keep = req.keep_alive and not self.close_after
         length = upstream.content_length
         is_stream = upstream.content_type == "text/event-stream"
