@@ -1,12 +1,19 @@
-"""Prometheus metrics (``GET /metrics``), one collector registry per coordinator instance."""
+"""Prometheus metrics (``GET /metrics``), one collector registry per coordinator instance.
+
+The per-request figures (proxied requests by service and status, and the latency histogram)
+are plain counts kept without locks (the coordinator runs on one event loop thread) and turned
+into Prometheus families at scrape time; prometheus-client's own ``Counter``/``Histogram`` take a
+lock on every update, which the proxy's hot path does not need.
+"""
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -15,6 +22,68 @@ if TYPE_CHECKING:
     from coordinator.registry import Registry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Upper bounds of the latency histogram's buckets, in seconds (``+Inf`` is implied).
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+_BUCKET_LABELS = [repr(b) for b in LATENCY_BUCKETS] + ["+Inf"]  # as prometheus-client writes them
+
+
+class _Latency:
+    """One service's histogram: a count per bucket (not cumulative) and the sum."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+
+class _ProxyCollector(Collector):
+    """Proxied requests and latency, from the counts :class:`Metrics` keeps without locks."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "rma_proxy_requests",
+            "Proxied requests by service and worker status code",
+            labels=["service", "status"],
+        )
+        for (service, status), count in sorted(self._metrics._requests.items()):
+            requests.add_metric([service, str(status)], count)
+        yield requests
+        latency = HistogramMetricFamily(
+            "rma_proxy_response_seconds",
+            "Time until the worker's response headers arrived",
+            labels=["service"],
+        )
+        for service, hist in sorted(self._metrics._latency.items()):
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for label, count in zip(_BUCKET_LABELS, hist.counts, strict=True):
+                cumulative += count
+                buckets.append((label, float(cumulative)))
+            latency.add_metric([service], buckets, hist.total)
+        yield latency
 
 
 class _RegistryCollector(Collector):
@@ -63,46 +132,16 @@ class Metrics:
         self.removals = Counter(
             "rma_worker_removals", "Workers removed by reason", ["reason"], registry=self.registry
         )
-        self.requests = Counter(
-            "rma_proxy_requests",
-            "Proxied requests by service and worker status code",
-            ["service", "status"],
-            registry=self.registry,
-        )
         self.rejected = Counter(
             "rma_proxy_rejected",
             "Requests answered 503 without a worker",
             ["reason"],
             registry=self.registry,
         )
-        self.latency = Histogram(
-            "rma_proxy_response_seconds",
-            "Time until the worker's response headers arrived",
-            ["service"],
-            registry=self.registry,
-            buckets=(
-                0.001,
-                0.0025,
-                0.005,
-                0.01,
-                0.025,
-                0.05,
-                0.1,
-                0.25,
-                0.5,
-                1,
-                2.5,
-                5,
-                10,
-                30,
-                60,
-                120,
-                300,
-            ),
-        )
         self._hb_ok = self.heartbeats.labels("ok")
-        self._latency_children: dict[str, Histogram] = {}
-        self._request_children: dict[tuple[str, int], Counter] = {}
+        self._latency: dict[str, _Latency] = {}
+        self._requests: dict[tuple[str, int], int] = {}
+        self.registry.register(_ProxyCollector(self))
 
     def bind(self, registry: Registry, in_flight: Callable[[], int]) -> None:
         self.registry.register(_RegistryCollector(registry, in_flight))
@@ -111,17 +150,15 @@ class Metrics:
         self._hb_ok.inc()
 
     def observe_response(self, service: str, seconds: float) -> None:
-        child = self._latency_children.get(service)
-        if child is None:
-            child = self._latency_children[service] = self.latency.labels(service)
-        child.observe(seconds)
+        hist = self._latency.get(service)
+        if hist is None:
+            hist = self._latency[service] = _Latency()
+        hist.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        hist.total += seconds
 
     def proxied(self, service: str, status: int) -> None:
         key = (service, status)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self.requests.labels(service, str(status))
-        child.inc()
+        self._requests[key] = self._requests.get(key, 0) + 1
 
     def proxy_rejected(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
