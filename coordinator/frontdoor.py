@@ -285,6 +285,7 @@ class _Exchange:
 
     __slots__ = (
         "conn",
+        "deadline",
         "headers",
         "path",
         "pool",
@@ -293,10 +294,9 @@ class _Exchange:
         "service",
         "slot",
         "started",
-        "timer",
         "upstream_pool",
     )
-    timer: asyncio.TimerHandle
+    deadline: float  # loop time by which the response head must have arrived
     started: float
 
     def __init__(
@@ -351,6 +351,31 @@ class FrontServer:
         self.loop = asyncio.get_running_loop()
         self.connections: set[FrontProtocol] = set()
         self.served = 0  # requests answered by the front door (tests and benches read it)
+        self.sweeper: asyncio.TimerHandle | None = None
+
+    def watch(self, timeout: float) -> None:
+        """Check the deadlines of exchanges driven by callbacks periodically, not with a timer each.
+
+        A response head that is late is noticed within ``timeout / 4`` (at most a second) of its
+        deadline; the sweep costs O(connections) and runs only while exchanges are in flight.
+        """
+        period = min(1.0, max(0.01, timeout / 4))
+        self.sweeper = self.loop.call_later(period, self._sweep, timeout)
+
+    def _sweep(self, timeout: float) -> None:
+        self.sweeper = None
+        now = self.loop.time()
+        waiting = False
+        for conn in list(self.connections):
+            ex = conn.fast
+            if ex is None or ex is _PENDING:
+                continue
+            if ex.deadline <= now:
+                ex.conn.time_out("no response")
+            else:
+                waiting = True
+        if waiting:
+            self.watch(timeout)
 
     def __call__(self) -> FrontProtocol:
         return FrontProtocol(self)
@@ -384,6 +409,9 @@ class FrontServer:
                 conn._abandon(conn.fast)
             conn.close()
         self.connections.clear()
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            self.sweeper = None
 
 
 class FrontProtocol(asyncio.Protocol):
@@ -943,17 +971,17 @@ class FrontProtocol(asyncio.Protocol):
         coord.proxy.in_flight += 1
         conn.begin(head=method == "HEAD")
         conn.transport.write(b"".join(head))
-        timer = self.loop.call_later(upstream_pool.read_timeout, conn.time_out, "no response")
         ex = _Exchange(req, slot, conn, upstream_pool, service, pool, path, headers, request_id)
-        ex.timer = timer
+        ex.deadline = self.loop.time() + upstream_pool.read_timeout
         ex.started = time.perf_counter()
         self.fast = ex
+        if self.front.sweeper is None:
+            self.front.watch(upstream_pool.read_timeout)
         conn.headers_done.add_done_callback(partial(self._fast_headers, ex))
 
     def _fast_headers(self, ex: _Exchange, fut: asyncio.Future[None]) -> None:
         if self.fast is not ex:
             return  # the client went away; _abandon cleaned up
-        ex.timer.cancel()
         try:
             self._fast_answer(ex, fut)
         except Exception:
@@ -1068,7 +1096,6 @@ class FrontProtocol(asyncio.Protocol):
         self.fast = None
         if ex is _PENDING:
             return
-        ex.timer.cancel()
         if ex.conn.transport is not None:
             ex.conn.transport.close()
         self._release(ex, 0)

@@ -457,3 +457,56 @@ async def test_oversized_heartbeat_is_413_without_reading_it_all(fed: Fed, frami
     finally:
         writer.close()
     assert _front(fed).served == served + 1
+
+
+async def test_late_answer_on_a_pooled_connection_is_504(
+    fed_factory: Any, backend_factory: BackendFactory
+) -> None:
+    """A request without a body on a pooled connection is timed by the front door's sweep."""
+    fed = await fed_factory(proxy_ttfb_timeout=0.3)
+    backend = await backend_factory()
+    await fed.register(backend.url, worker_id="sleepy")
+    assert (await fed.client.get("/service/echo/warm")).status == 200  # pools a connection
+    resp = await fed.client.get("/service/echo/slow?s=2")
+    assert resp.status == 504
+    body = await resp.json()
+    assert body["error"] == "worker_timeout"
+    assert body["worker_id"] == "sleepy"
+    assert body["hop"] == "coordinator"
+    assert fed.coordinator.proxy.in_flight == 0
+    assert (await fed.client.get("/service/echo/after")).status == 200
+    text = await (await fed.client.get("/metrics")).text()
+    assert 'rma_proxy_requests_total{service="echo",status="504"} 1.0' in text
+
+
+class _ClosedByPeer:
+    """A transport whose peer has already closed: writing finds the connection gone."""
+
+    def __init__(self, inner: asyncio.Transport) -> None:
+        self.inner = inner
+
+    def write(self, data: bytes) -> None:
+        self.inner.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_pooled_connection_the_worker_closed_is_retried_fresh(
+    fed: Fed, backend_factory: BackendFactory
+) -> None:
+    backend = await backend_factory()
+    await fed.register(backend.url)
+    assert (await fed.client.get("/service/echo/warm")).status == 200
+    pool = fed.coordinator.proxy._pool
+    assert pool is not None
+    idle = [conn for conns in pool._idle.values() for conn in conns]
+    assert idle
+    for conn in idle:
+        assert conn.transport is not None
+        conn.transport = _ClosedByPeer(conn.transport)  # type: ignore[assignment]
+    resp = await fed.client.get("/service/echo/again")
+    assert resp.status == 200
+    assert (await resp.json())["tail"] == "again"
+    assert [r["tail"] for r in backend.seen] == ["warm", "again"]
+    assert fed.coordinator.proxy.in_flight == 0
