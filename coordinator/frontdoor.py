@@ -91,12 +91,86 @@ _GATEWAY_KEY_B = GATEWAY_KEY_HEADER.encode()
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
+_STATUS_LINES: dict[int, bytes] = {}
+_RELAYED: dict[tuple[tuple[bytes, bytes], ...], bytes] = {}
+_RELAYED_MAX = 512  # distinct response header sets remembered (a Date changes once a second)
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n".encode()
+        if len(_STATUS_LINES) < 1000:
+            _STATUS_LINES[status] = line
+    return line
+
+
+def _relayed_headers(raw: list[tuple[bytes, bytes]]) -> bytes:
+    """A worker's response headers as relayed: hop-by-hop and replaced ones dropped.
+
+    Workers repeat the same few header sets, so the result is remembered per set.
+    """
+    key = tuple(raw)
+    out = _RELAYED.get(key)
+    if out is not None:
+        return out
+    drop = _HOP_B
+    for name, value in raw:
+        if name.lower() == b"connection":
+            drop = drop.union(t.strip().lower() for t in value.split(b","))
+    lines = []
+    for name, value in raw:
+        lower = name.lower()
+        if lower in drop or lower in _REPLACED_RESPONSE_B or lower.startswith(_INTERNAL_B):
+            continue
+        lines.append(b"%b: %b\r\n" % (name, value))
+    out = b"".join(lines)
+    if len(out) <= 4096:  # only small header sets are remembered
+        if len(_RELAYED) >= _RELAYED_MAX:
+            _RELAYED.clear()
+        _RELAYED[key] = out
+    return out
+
+
+class _RequestIds:
+    """Random 32-hex-digit request ids, drawn from ``os.urandom`` in batches."""
+
+    __slots__ = ("buf", "pos")
+
+    def __init__(self) -> None:
+        self.buf = ""
+        self.pos = 0
+
+    def next(self) -> str:
+        pos = self.pos
+        if pos >= len(self.buf):
+            self.buf = os.urandom(16 * 256).hex()
+            pos = 0
+        self.pos = pos + 32
+        return self.buf[pos : pos + 32]
+
+
+_request_ids = _RequestIds()
+
+
 def _str_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
 
 
+_HOSTS: dict[tuple[str, str, int], bytes] = {}
+
+
 def _host_value(key: tuple[str, str, int]) -> bytes:
     """The Host header :class:`UpstreamPool` sends to ``key = (scheme, host, port)``."""
+    value = _HOSTS.get(key)
+    if value is None:
+        if len(_HOSTS) >= 4096:
+            _HOSTS.clear()
+        value = _HOSTS[key] = _host_bytes(key)
+    return value
+
+
+def _host_bytes(key: tuple[str, str, int]) -> bytes:
     scheme, host, port = key
     default_port = 443 if scheme == "https" else 80
     if ":" in host:  # an IPv6 literal is bracketed in Host (RFC 9110 7.2)
@@ -818,7 +892,7 @@ class FrontProtocol(asyncio.Protocol):
         request_id = (
             presented
             if presented is not None and REQUEST_ID_RE.match(presented)
-            else os.urandom(16).hex()
+            else _request_ids.next()
         )
         path = f"/service/{service}{tail or '/'}" + (f"?{query}" if query else "")
         return pool, path, self._request_headers(req, request_id), request_id
@@ -1271,20 +1345,11 @@ class FrontProtocol(asyncio.Protocol):
 
     def _response_head(self, upstream: UpstreamResponse, request_id: str) -> list[bytes]:
         """The status line and the worker's headers as relayed, plus X-Request-Id."""
-        raw = upstream.raw_headers
-        drop = _HOP_B
-        for key, value in raw:
-            if key.lower() == b"connection":
-                drop = drop.union(t.strip().lower() for t in value.split(b","))
-        status = upstream.status
-        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n".encode()]
-        for key, value in raw:
-            lower = key.lower()
-            if lower in drop or lower in _REPLACED_RESPONSE_B or lower.startswith(_INTERNAL_B):
-                continue
-            lines.append(b"%b: %b\r\n" % (key, value))
-        lines.append(b"X-Request-Id: %b\r\n" % request_id.encode("latin-1"))
-        return lines
+        return [
+            _status_line(upstream.status),
+            _relayed_headers(upstream.raw_headers),
+            b"X-Request-Id: %b\r\n" % request_id.encode("latin-1"),
+        ]
 
     async def _relay(
         self, req: _Request, upstream: UpstreamResponse, worker: WorkerRecord, request_id: str
