@@ -7,9 +7,10 @@ only what the proxy needs: write a request head and body, parse the response wit
 per-origin pool when the response was read to the end.
 
 Failures are typed so the proxy can decide what is safe to retry:
-:class:`ConnectFailed` (nothing was sent), :class:`Disconnected` (the connection closed before
-response headers; ``reused`` tells whether it was a pooled one), :class:`ResponseTimeout`, and
-:class:`BodyError` (the response broke off after its headers).
+:class:`ConnectFailed` (nothing was sent; its subclass :class:`ConnectTimedOut` when the connect
+timed out), :class:`Disconnected` (the connection closed before response headers; ``reused``
+tells whether it was a pooled one), :class:`ResponseTimeout`, and :class:`BodyError` (the
+response broke off after its headers).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ class UpstreamError(Exception):
 
 class ConnectFailed(UpstreamError):
     """The connection could not be opened; no request byte was sent."""
+
+
+class ConnectTimedOut(ConnectFailed):
+    """The connection was not open within the connect timeout; no request byte was sent."""
 
 
 class Disconnected(UpstreamError):
@@ -299,7 +304,7 @@ class UpstreamPool:
                     server_hostname=host if tls else None,
                 )
         except TimeoutError:
-            raise ConnectFailed(f"connect timed out after {self.connect_timeout:g} s") from None
+            raise ConnectTimedOut(f"connect timed out after {self.connect_timeout:g} s") from None
         except (OSError, ssl.SSLError) as exc:
             raise ConnectFailed(f"{type(exc).__name__}: {exc}") from None
         return conn
@@ -324,7 +329,10 @@ class UpstreamPool:
         conn = await self._connect(key, fresh)
         scheme, host, port = key
         default_port = 443 if scheme == "https" else 80
-        host_value = host if port == default_port else f"{host}:{port}"
+        if ":" in host:  # an IPv6 literal is bracketed in Host (RFC 9110 7.2)
+            host_value = f"[{host}]" if port == default_port else f"[{host}]:{port}"
+        else:
+            host_value = host if port == default_port else f"{host}:{port}"
         lines = [f"{method} {target} HTTP/1.1", f"Host: {host_value}"]
         lines.extend(f"{name}: {value}" for name, value in headers)
         chunked = False
@@ -390,6 +398,7 @@ class UpstreamPool:
 __all__ = [
     "BodyError",
     "ConnectFailed",
+    "ConnectTimedOut",
     "Disconnected",
     "ResponseTimeout",
     "UpstreamError",

@@ -5,6 +5,8 @@ streaming both ways (SSE token by token), hop-by-hop headers dropped, ``X-Reques
 the coordinator may call it: every request must carry the gateway key the agent sent at
 registration (``X-RMA-Gateway-Key``, compared in constant time). ``GET /health`` is open. Only
 the services the coordinator assigned are served; every failure answers JSON naming the hop.
+Backends are called through the coordinator's pooled HTTP/1.1 client
+(:class:`coordinator.upstream.UpstreamPool`), the same one the coordinator uses for its hop.
 """
 
 from __future__ import annotations
@@ -14,25 +16,50 @@ import contextlib
 import hmac
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
-import aiohttp
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
-from coordinator.headers import REQUEST_ID_RE, drop_set
+from coordinator.headers import HOP_BY_HOP, REQUEST_ID_RE, drop_set
 from coordinator.protocol import GATEWAY_KEY_HEADER, INTERNAL_HEADER_PREFIX, REQUEST_ID_HEADER
+from coordinator.upstream import (
+    ConnectTimedOut,
+    Disconnected,
+    ResponseTimeout,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+)
 from worker_agent.backends import ECHO, Backend, Backends
 from worker_agent.settings import WorkerSettings
 
 log = structlog.get_logger("worker_agent.gateway")
 
 HOP = "worker"
-_NOT_FORWARDED = frozenset({"host", "content-length"})
+#: Request headers never forwarded as sent: the pool writes Host, Content-Length and
+#: Transfer-Encoding itself, X-Request-Id is replaced by the checked (or a fresh) id, and
+#: Expect was answered by this gateway's server (the body is sent at once, so a backend's
+#: ``100 Continue`` would only be mistaken for its answer).
+_NOT_FORWARDED = frozenset(
+    {"host", "content-length", "transfer-encoding", "x-request-id", "expect"}
+)
+#: Response headers the gateway sets itself.
+_REPLACED_RESPONSE = frozenset({"content-length", "transfer-encoding", "x-request-id"})
+#: A request that may be sent again on a new connection when a pooled one turns out closed
+#: (the methods aiohttp's client retried, which this gateway used before).
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+#: Request bodies of known length up to this size are read first and sent with the head in one
+#: write (they are in the socket buffer already); larger or unknown-length bodies stream.
+_SMALL_REQUEST = 64 * 1024
+#: Responses of known length up to this size (not event streams) are read whole and answered in
+#: one write; others stream chunk by chunk with back-pressure.
+_SMALL_RESPONSE = 64 * 1024
+#: Idle pooled backend connections older than this are not reused (aiohttp's default).
+_KEEPALIVE_S = 15.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -67,7 +94,8 @@ class Gateway:
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
+        self._origins: dict[str, tuple[tuple[str, str, int], str]] = {}
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -87,14 +115,10 @@ class Gateway:
 
     async def start(self, host: str, port: int, *, fallback_to_free_port: bool = True) -> int:
         """Listen on ``host:port`` (a free port when it is taken and fallback is allowed)."""
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
-            auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                connect=self.settings.backend_connect_timeout,
-                sock_read=self.settings.backend_read_timeout,
-            ),
+        self._pool = UpstreamPool(
+            connect_timeout=self.settings.backend_connect_timeout,
+            read_timeout=self.settings.backend_read_timeout,
+            keepalive_timeout=_KEEPALIVE_S,
         )
         self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
@@ -116,9 +140,9 @@ class Gateway:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     async def wait_idle(self, limit_s: float) -> bool:
         """Wait until no request is in flight; ``False`` if ``limit_s`` passed first."""
@@ -236,22 +260,29 @@ class Gateway:
             headers={REQUEST_ID_HEADER: request_id},
         )
 
-    def _backend_headers(self, request: web.Request, request_id: str) -> CIMultiDict[str]:
+    def _origin(self, url: str) -> tuple[tuple[str, str, int], str]:
+        """``((scheme, host, port), path prefix)`` of a backend URL, parsed once per URL."""
+        known = self._origins.get(url)
+        if known is None:
+            parts = urlsplit(url)
+            scheme = parts.scheme.lower()
+            port = parts.port or (443 if scheme == "https" else 80)
+            known = ((scheme, parts.hostname or "", port), parts.path)
+            if len(self._origins) > 1024:  # backends come and go; never grow without bound
+                self._origins.clear()
+            self._origins[url] = known
+        return known
+
+    def _backend_headers(self, request: web.Request, request_id: str) -> list[tuple[str, str]]:
         drop = drop_set(request.headers)
-        out: CIMultiDict[str] = CIMultiDict()
-        for key, value in request.headers.items():
-            lower = key.lower()
-            if (
-                lower in drop
-                or lower in _NOT_FORWARDED
-                or lower == "x-request-id"
-                or lower.startswith(INTERNAL_HEADER_PREFIX)
-            ):
-                continue
-            out.add(key, value)
-        out[REQUEST_ID_HEADER] = request_id
-        if request.content_length is not None and request.body_exists:
-            out["Content-Length"] = str(request.content_length)
+        out = [
+            (key, value)
+            for key, value in request.headers.items()
+            if (lower := key.lower()) not in drop
+            and lower not in _NOT_FORWARDED
+            and not lower.startswith(INTERNAL_HEADER_PREFIX)
+        ]
+        out.append((REQUEST_ID_HEADER, request_id))
         return out
 
     async def _forward(
@@ -262,25 +293,36 @@ class Gateway:
         query: str,
         request_id: str,
     ) -> web.StreamResponse:
-        assert self._session is not None
+        assert self._pool is not None, "Gateway.start() was not awaited"
         assert backend.url is not None
-        target = URL(backend.url + (tail or "/") + (f"?{query}" if query else ""), encoded=True)
+        origin, prefix = self._origin(backend.url)
+        target = prefix + (tail or "/") + (f"?{query}" if query else "")
         headers = self._backend_headers(request, request_id)
-        data: AsyncIterator[bytes] | None = None
-        if request.body_exists:
-            data = request.content.iter_any()
+        method = request.method
+        length = request.content_length
+        body: bytes | None = None
+        if request.body_exists and length is not None and length <= _SMALL_REQUEST:
+            body = await request.read()
+        replayable = method in _IDEMPOTENT and (body is not None or not request.body_exists)
+        upstream: UpstreamResponse | None = None
         try:
-            upstream = await self._session.request(
-                request.method,
-                target,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-            )
-        except TimeoutError:
+            for fresh in (False, True):
+                data: bytes | AsyncIterable[bytes] | None = body
+                if body is None and request.body_exists:
+                    data = request.content.iter_any()
+                try:
+                    upstream = await self._pool.request(
+                        method, origin, target, headers, data, body_length=length, fresh=fresh
+                    )
+                    break
+                except Disconnected as exc:
+                    # A pooled connection the backend had closed: once more on a new one.
+                    if exc.reused and replayable and not fresh:
+                        continue
+                    raise
+        except (ResponseTimeout, ConnectTimedOut):
             return json_error(504, "backend_timeout", f"{backend.name!r} did not answer in time")
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             log.warning(
                 "backend_unreachable",
                 service=backend.name,
@@ -288,53 +330,76 @@ class Gateway:
                 error=f"{type(exc).__name__}: {exc}",
             )
             return json_error(502, "backend_unreachable", f"{backend.name!r} could not be reached")
+        assert upstream is not None
         try:
             return await self._relay(request, upstream, backend, request_id)
+        except BaseException:
+            upstream.close()
+            raise
         finally:
             upstream.release()
 
     async def _relay(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         backend: Backend,
         request_id: str,
     ) -> web.StreamResponse:
-        drop = drop_set(upstream.headers)
+        raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers]
+        drop = set(HOP_BY_HOP)
+        chunked = False
+        for key, value in raw:
+            lower = key.lower()
+            if lower == "connection":
+                drop.update(token.strip().lower() for token in value.split(","))
+            elif lower == "transfer-encoding" and "chunked" in value:
+                chunked = True
         headers: CIMultiDict[str] = CIMultiDict()
-        for key, value in upstream.headers.items():
+        for key, value in raw:
             lower = key.lower()
             if (
                 lower in drop
-                or lower in ("content-length", "x-request-id")
+                or lower in _REPLACED_RESPONSE
                 or lower.startswith(INTERNAL_HEADER_PREFIX)
             ):
                 continue
             headers.add(key, value)
         headers[REQUEST_ID_HEADER] = request_id
-        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        status = upstream.status
         length = upstream.content_length
-        if (
-            length is not None
-            and upstream.status >= 200
-            and upstream.status not in (204, 304)
-            and "chunked" not in upstream.headers.get("Transfer-Encoding", "")
-        ):
-            resp.content_length = length
+        if chunked or status < 200 or status in (204, 304):
+            length = None
         if request.method == "HEAD":
+            resp = web.StreamResponse(status=status, headers=headers)
+            if length is not None:
+                resp.content_length = length
             await resp.prepare(request)
             return resp
+        try:
+            if (
+                length is not None
+                and length <= _SMALL_RESPONSE
+                and upstream.content_type != "text/event-stream"
+            ):
+                return web.Response(status=status, headers=headers, body=await upstream.read())
+        except UpstreamError as exc:
+            # Nothing was sent yet: answer the failure instead of a truncated body.
+            self._broken(backend, request_id, exc)
+            if isinstance(exc, ResponseTimeout):
+                return json_error(
+                    504, "backend_timeout", f"{backend.name!r} did not finish its answer in time"
+                )
+            return json_error(502, "backend_unreachable", f"{backend.name!r} broke off its answer")
+        resp = web.StreamResponse(status=status, headers=headers)
+        if length is not None:
+            resp.content_length = length
         await resp.prepare(request)
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.iter_chunks():
                 await resp.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning(
-                "backend_stream_broken",
-                service=backend.name,
-                request_id=request_id,
-                error=f"{type(exc).__name__}: {exc}",
-            )
+        except UpstreamError as exc:
+            self._broken(backend, request_id, exc)
             # Leave the message incomplete so the caller sees the failure.
             if request.transport is not None:
                 request.transport.close()
@@ -342,3 +407,11 @@ class Gateway:
         with contextlib.suppress(ConnectionResetError):
             await resp.write_eof()
         return resp
+
+    def _broken(self, backend: Backend, request_id: str, exc: UpstreamError) -> None:
+        log.warning(
+            "backend_stream_broken",
+            service=backend.name,
+            request_id=request_id,
+            error=f"{type(exc).__name__}: {exc}",
+        )

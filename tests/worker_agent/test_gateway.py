@@ -178,6 +178,15 @@ async def test_sse_streams_token_by_token_and_bodies_stream_in(
     async with gw.request("POST", "/service/stream/upload", data=body()) as resp:
         assert (await resp.json())["body_bytes"] == 40_000
 
+    # Expect: 100-continue is answered by the gateway itself, not passed on (the backend's
+    # interim 100 would otherwise be taken for its answer)
+    async with gw.request(
+        "POST", "/service/stream/upload", data=b"x" * 5000, expect100=True
+    ) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["body_bytes"] == 5000
+    assert "expect" not in {k.lower() for k in backend.seen[-1]["headers"]}
+
     # compressed bodies pass through untouched
     async with gw.request("GET", "/service/stream/gzip") as resp:
         assert resp.headers["Content-Encoding"] == "gzip"
@@ -241,3 +250,107 @@ async def test_gateway_falls_back_to_a_free_port_when_busy(tmp_path: Path) -> No
     finally:
         await first.close()
         await second.close()
+
+
+class RawBackend:
+    """A backend written byte by byte: ``answer(nth_request_on_connection)`` gives the bytes to
+    send back, or ``None`` to close the connection without answering; ``close_after`` closes
+    it after each answer."""
+
+    def __init__(self, answer: Callable[[int], bytes | None], close_after: bool = False) -> None:
+        self.answer = answer
+        self.close_after = close_after
+        self.requests = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nth = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        await reader.readexactly(int(line.split(b":", 1)[1]))
+                nth += 1
+                self.requests += 1
+                data = self.answer(nth)
+                if data is None:
+                    break
+                writer.write(data)
+                await writer.drain()
+                if self.close_after:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def test_a_pooled_connection_the_backend_closed_is_retried_for_idempotent_requests(
+    gw_factory: Any,
+) -> None:
+    # The backend keeps each connection open after its first answer but drops it, unanswered,
+    # on the next request: the gateway's pooled connection turns out dead.
+    backend = RawBackend(lambda nth: OK if nth == 1 else None)
+    url = await backend.start()
+    try:
+        gw = await gw_factory(services=f"raw={url}")
+        async with gw.request("GET", "/service/raw/a") as resp:
+            assert resp.status == 200
+            assert await resp.read() == b"ok"
+        async with gw.request("GET", "/service/raw/b") as resp:
+            assert resp.status == 200  # sent again on a new connection
+            assert await resp.read() == b"ok"
+        async with gw.request("POST", "/service/raw/c", data=b"not replayed") as resp:
+            assert resp.status == 502  # not idempotent: never sent twice
+            assert (await resp.json())["error"] == "backend_unreachable"
+        assert backend.requests == 4  # a, b (dropped), b again, c (dropped)
+    finally:
+        await backend.close()
+
+
+async def test_an_answer_that_breaks_off_before_its_declared_length_is_502_json(
+    gw_factory: Any,
+) -> None:
+    backend = RawBackend(
+        lambda nth: b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", close_after=True
+    )
+    url = await backend.start()
+    try:
+        gw = await gw_factory(services=f"raw={url}")
+        async with gw.request("GET", "/service/raw/a") as resp:
+            assert resp.status == 502
+            body = await resp.json()
+            assert body["error"] == "backend_unreachable"
+            assert body["hop"] == "worker"
+    finally:
+        await backend.close()
+
+
+async def test_a_backend_connect_timeout_is_504_json(
+    gw_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw = await gw_factory(services="hung=http://127.0.0.1:9", backend_connect_timeout=0.05)
+    loop = asyncio.get_running_loop()
+    real = loop.create_connection
+
+    async def hang_on_port_9(factory: Any, host: Any = None, port: Any = None, **kw: Any) -> Any:
+        if port == 9:
+            await asyncio.Event().wait()
+        return await real(factory, host, port, **kw)
+
+    monkeypatch.setattr(loop, "create_connection", hang_on_port_9)
+    async with gw.request("GET", "/service/hung/x") as resp:
+        assert resp.status == 504
+        assert (await resp.json())["error"] == "backend_timeout"
