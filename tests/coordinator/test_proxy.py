@@ -161,13 +161,23 @@ async def test_retry_on_dead_worker_and_strikes(fed: Fed, backend_factory: Backe
     live = await backend_factory("live")
     dead = await fed.register(_dead_url(), worker_id="dead")
     await fed.register(live.url, worker_id="live")
-    for _ in range(12):
+    record = fed.coordinator.registry.get("dead")
+    assert record is not None
+    # Picks are random among equally loaded workers: send until the dead one has been tried
+    # STRIKE_LIMIT (3) times. Every request succeeds meanwhile (retried on the live worker).
+    sent = 0
+    while record.health(3) != "suspect":
+        assert sent < 200, "the dead worker never reached the strike limit"
         resp = await fed.client.post("/service/echo/x", json={"a": 1})
         assert resp.status == 200
         assert (await resp.json())["backend"] == "live"
-    record = fed.coordinator.registry.get("dead")
-    assert record is not None
-    assert record.health(3) == "suspect"
+        sent += 1
+    assert record.strikes == 3
+    # Out of routing now: the next requests never try it (no more strikes).
+    for _ in range(10):
+        resp = await fed.client.post("/service/echo/x", json={"a": 1})
+        assert resp.status == 200
+    assert record.strikes == 3
     # Its next heartbeat proves it alive again and clears the strikes.
     await fed.beat(dead)
     assert record.health(3) == "active"
