@@ -61,6 +61,7 @@ from coordinator.upstream import (
     ResponseTimeout,
     UpstreamError,
     UpstreamResponse,
+    host_header,
 )
 
 if TYPE_CHECKING:
@@ -166,16 +167,8 @@ def _host_value(key: tuple[str, str, int]) -> bytes:
     if value is None:
         if len(_HOSTS) >= 4096:
             _HOSTS.clear()
-        value = _HOSTS[key] = _host_bytes(key)
+        value = _HOSTS[key] = host_header(key).encode("latin-1")
     return value
-
-
-def _host_bytes(key: tuple[str, str, int]) -> bytes:
-    scheme, host, port = key
-    default_port = 443 if scheme == "https" else 80
-    if ":" in host:  # an IPv6 literal is bracketed in Host (RFC 9110 7.2)
-        host = f"[{host}]"
-    return (host if port == default_port else f"{host}:{port}").encode("latin-1")
 
 
 def route_of(head: bytes) -> bool | None:
@@ -398,22 +391,6 @@ class _Exchange:
 
 #: Marks a request to be served from callbacks once its message is complete.
 _PENDING = _Exchange(None, None, None, None, "", None, "", [], "")
-
-
-def _idle_connection(pool: UpstreamPool, key: tuple[str, str, int]) -> _Connection | None:
-    """A live idle pooled connection to ``key`` (as :class:`UpstreamPool` picks one), or None."""
-    idle = pool._idle.get(key)
-    if not idle:
-        return None
-    deadline = time.monotonic() - pool.keepalive_timeout
-    while idle:
-        conn = idle.pop()
-        if not conn.closed and conn.idle_since > deadline:
-            conn.reused = True
-            return conn
-        if conn.transport is not None:
-            conn.transport.close()
-    return None
 
 
 class FrontServer:
@@ -1012,7 +989,7 @@ class FrontProtocol(asyncio.Protocol):
         slot = pool.pick(coord.registry.rng)
         conn = None
         if slot is not None and upstream_pool is not None:
-            conn = _idle_connection(upstream_pool, slot.worker.origin)
+            conn = upstream_pool.take_idle(slot.worker.origin)
         if slot is None or conn is None or conn.transport is None:
             self._spawn(
                 req,

@@ -247,6 +247,14 @@ class UpstreamResponse:
             conn.transport.close()
 
 
+def host_header(key: tuple[str, str, int]) -> str:
+    """The Host header for ``key = (scheme, host, port)``: no default port, IPv6 bracketed."""
+    scheme, host, port = key
+    if ":" in host:  # an IPv6 literal is bracketed in Host (RFC 9110 7.2)
+        host = f"[{host}]"
+    return host if port == (443 if scheme == "https" else 80) else f"{host}:{port}"
+
+
 class UpstreamPool:
     """Per-origin pools of idle keep-alive connections."""
 
@@ -276,18 +284,26 @@ class UpstreamPool:
         conn.idle_since = time.monotonic()
         idle.append(conn)
 
+    def take_idle(self, key: tuple[str, str, int]) -> _Connection | None:
+        """A live idle pooled connection to ``key`` (the most recently used), or ``None``."""
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        deadline = time.monotonic() - self.keepalive_timeout
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and conn.idle_since > deadline:
+                conn.reused = True
+                return conn
+            if conn.transport is not None:
+                conn.transport.close()
+        return None
+
     async def _connect(self, key: tuple[str, str, int], fresh: bool) -> _Connection:
         scheme, host, port = key
-        idle = None if fresh else self._idle.get(key)
-        if idle:
-            deadline = time.monotonic() - self.keepalive_timeout
-            while idle:
-                conn = idle.pop()
-                if not conn.closed and conn.idle_since > deadline:
-                    conn.reused = True
-                    return conn
-                if conn.transport is not None:
-                    conn.transport.close()
+        conn = None if fresh else self.take_idle(key)
+        if conn is not None:
+            return conn
         loop = asyncio.get_running_loop()
         tls: ssl.SSLContext | None = None
         if scheme == "https":
@@ -327,13 +343,7 @@ class UpstreamPool:
         unknown one chunked. ``fresh`` skips pooled connections.
         """
         conn = await self._connect(key, fresh)
-        scheme, host, port = key
-        default_port = 443 if scheme == "https" else 80
-        if ":" in host:  # an IPv6 literal is bracketed in Host (RFC 9110 7.2)
-            host_value = f"[{host}]" if port == default_port else f"[{host}]:{port}"
-        else:
-            host_value = host if port == default_port else f"{host}:{port}"
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {host_value}"]
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {host_header(key)}"]
         lines.extend(f"{name}: {value}" for name, value in headers)
         chunked = False
         if isinstance(body, bytes):
@@ -404,4 +414,5 @@ __all__ = [
     "UpstreamError",
     "UpstreamPool",
     "UpstreamResponse",
+    "host_header",
 ]
