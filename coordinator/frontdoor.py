@@ -46,12 +46,11 @@ from aiohttp import web
 from aiohttp.web_server import Server
 
 from coordinator.errors import HOP, error_body
-from coordinator.headers import HOP_BY_HOP, REQUEST_ID_RE
+from coordinator.headers import HOP_BY_HOP, REPLACED_RESPONSE, REQUEST_ID_RE
 from coordinator.protocol import GATEWAY_KEY_HEADER, INTERNAL_HEADER_PREFIX, REQUEST_ID_HEADER
 from coordinator.proxy import (
     _BODY_METHODS,
     _REPLACED_REQUEST,
-    _REPLACED_RESPONSE,
     _SMALL_BODY,
     sniff_model,
 )
@@ -83,7 +82,7 @@ _MAX_HEADERS = 128
 _BODY_BUFFER = 256 * 1024  # request body bytes buffered before reading from the client pauses
 _KEEPALIVE = 75.0  # aiohttp's default keep-alive timeout
 _HOP_B = frozenset(h.encode() for h in HOP_BY_HOP)
-_REPLACED_RESPONSE_B = frozenset(h.encode() for h in _REPLACED_RESPONSE)
+_REPLACED_RESPONSE_B = frozenset(h.encode() for h in REPLACED_RESPONSE)
 _REPLACED_REQUEST_B = frozenset(h.encode() for h in _REPLACED_REQUEST)
 _INTERNAL_B = INTERNAL_HEADER_PREFIX.encode()
 _REASONS = {s.value: s.phrase for s in HTTPStatus}

@@ -19,10 +19,9 @@ from urllib.parse import unquote
 
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict
 
 from coordinator.errors import json_error
-from coordinator.headers import HOP_BY_HOP, REQUEST_ID_RE, drop_set
+from coordinator.headers import REQUEST_ID_RE, drop_set, relayed_response_headers
 from coordinator.protocol import GATEWAY_KEY_HEADER, INTERNAL_HEADER_PREFIX, REQUEST_ID_HEADER
 from coordinator.upstream import (
     ConnectFailed,
@@ -54,7 +53,6 @@ _REPLACED_REQUEST = frozenset(
     }
 )
 #: Response headers the proxy sets itself.
-_REPLACED_RESPONSE = frozenset({"x-request-id", "content-length", "transfer-encoding"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 #: Responses with a known length up to this size are sent in one piece.
 _SMALL_BODY = 64 * 1024
@@ -314,22 +312,7 @@ class Proxy:
         worker: WorkerRecord,
         request_id: str,
     ) -> web.StreamResponse:
-        raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers]
-        drop = set(HOP_BY_HOP)
-        for key, value in raw:
-            if key.lower() == "connection":
-                drop.update(token.strip().lower() for token in value.split(","))
-        headers: CIMultiDict[str] = CIMultiDict()
-        for key, value in raw:
-            lower = key.lower()
-            if (
-                lower in drop
-                or lower in _REPLACED_RESPONSE
-                or lower.startswith(INTERNAL_HEADER_PREFIX)
-            ):
-                continue
-            headers.add(key, value)
-        headers[REQUEST_ID_HEADER] = request_id
+        headers = relayed_response_headers(upstream.raw_headers, request_id)
         length = upstream.content_length
         is_stream = upstream.content_type == "text/event-stream"
         try:

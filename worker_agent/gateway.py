@@ -22,9 +22,8 @@ from urllib.parse import unquote, urlsplit
 
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict
 
-from coordinator.headers import HOP_BY_HOP, REQUEST_ID_RE, drop_set
+from coordinator.headers import REQUEST_ID_RE, drop_set, relayed_response_headers
 from coordinator.protocol import GATEWAY_KEY_HEADER, INTERNAL_HEADER_PREFIX, REQUEST_ID_HEADER
 from coordinator.upstream import (
     ConnectTimedOut,
@@ -48,7 +47,6 @@ _NOT_FORWARDED = frozenset(
     {"host", "content-length", "transfer-encoding", "x-request-id", "expect"}
 )
 #: Response headers the gateway sets itself.
-_REPLACED_RESPONSE = frozenset({"content-length", "transfer-encoding", "x-request-id"})
 #: A request that may be sent again on a new connection when a pooled one turns out closed
 #: (the methods aiohttp's client retried, which this gateway used before).
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -346,26 +344,10 @@ class Gateway:
         backend: Backend,
         request_id: str,
     ) -> web.StreamResponse:
-        raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers]
-        drop = set(HOP_BY_HOP)
-        chunked = False
-        for key, value in raw:
-            lower = key.lower()
-            if lower == "connection":
-                drop.update(token.strip().lower() for token in value.split(","))
-            elif lower == "transfer-encoding" and "chunked" in value:
-                chunked = True
-        headers: CIMultiDict[str] = CIMultiDict()
-        for key, value in raw:
-            lower = key.lower()
-            if (
-                lower in drop
-                or lower in _REPLACED_RESPONSE
-                or lower.startswith(INTERNAL_HEADER_PREFIX)
-            ):
-                continue
-            headers.add(key, value)
-        headers[REQUEST_ID_HEADER] = request_id
+        headers = relayed_response_headers(upstream.raw_headers, request_id)
+        chunked = any(
+            k.lower() == b"transfer-encoding" and b"chunked" in v for k, v in upstream.raw_headers
+        )
         status = upstream.status
         length = upstream.content_length
         if chunked or status < 200 or status in (204, 304):
