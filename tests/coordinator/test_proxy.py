@@ -195,12 +195,18 @@ async def test_only_dead_worker_answers_502(fed: Fed) -> None:
 
 async def test_all_full_is_fast_503(fed: Fed, backend_factory: BackendFactory) -> None:
     backend = await backend_factory()
-    await fed.register(backend.url, services=[{"name": "echo", "max_concurrency": 1}])
-    slow = asyncio.create_task(fed.client.get("/service/echo/slow?s=0.5"))
-    await asyncio.sleep(0.1)
-    started = time.monotonic()
+    reg = await fed.register(backend.url, services=[{"name": "echo", "max_concurrency": 1}])
+    record = fed.coordinator.registry.get(reg["worker_id"])
+    assert record is not None
+    slow = asyncio.create_task(fed.client.get("/service/echo/slow?s=1"))
+    for _ in range(500):  # until the slow request holds the worker's only slot
+        if record.in_flight == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert record.in_flight == 1
     resp = await fed.client.get("/service/echo/x")
-    assert time.monotonic() - started < 0.1
+    # Answered at once, not queued behind the request holding the only slot.
+    assert not slow.done()
     assert resp.status == 503
     assert (await resp.json())["error"] == "all_workers_busy"
     assert resp.headers["Retry-After"] == "1"
