@@ -37,7 +37,7 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from urllib.parse import unquote
 
 import httptools
@@ -60,6 +60,7 @@ from coordinator.upstream import (
     ResponseTimeout,
     UpstreamError,
     UpstreamResponse,
+    header_pairs,
     host_header,
 )
 
@@ -72,6 +73,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger("coordinator.proxy")
 
 _SERVICE = b"/service/"
+#: Request line starts that are ours for certain (route_of decides every other start).
+_SERVICE_LINES = tuple(
+    m + b" " + _SERVICE for m in (b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD", b"OPTIONS")
+)
 _HEARTBEAT = b"/api/worker/heartbeat"  # POST only, with or without a query (as aiohttp routes it)
 _HEARTBEAT_Q = _HEARTBEAT + b"?"
 _CLOSE = b"Connection: close\r\n"
@@ -84,6 +89,21 @@ _KEEPALIVE = 75.0  # aiohttp's default keep-alive timeout
 _HOP_B = frozenset(h.encode() for h in HOP_BY_HOP)
 _REPLACED_RESPONSE_B = frozenset(h.encode() for h in REPLACED_RESPONSE)
 _REPLACED_REQUEST_B = frozenset(h.encode() for h in _REPLACED_REQUEST)
+_DROPPED_REQUEST = _HOP_B | _REPLACED_REQUEST_B
+#: Request headers whose values the front door notes while reading the head.
+_NOTED_REQUEST = frozenset(
+    {
+        b"content-length",
+        b"transfer-encoding",
+        b"content-type",
+        b"expect",
+        b"connection",
+        b"x-request-id",
+        b"host",
+        b"cf-connecting-ip",
+        b"cf-ray",
+    }
+)
 _INTERNAL_B = INTERNAL_HEADER_PREFIX.encode()
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _REQUEST_ID_B = REQUEST_ID_HEADER.encode()
@@ -92,7 +112,7 @@ _NO_BODY_STATUS = frozenset({204, 304})
 
 
 _STATUS_LINES: dict[int, bytes] = {}
-_RELAYED: dict[tuple[tuple[bytes, bytes], ...], bytes] = {}
+_RELAYED: dict[bytes, _Relayed] = {}
 _RELAYED_MAX = 512  # distinct response header sets remembered (a Date changes once a second)
 
 
@@ -105,30 +125,49 @@ def _status_line(status: int) -> bytes:
     return line
 
 
-def _relayed_headers(raw: list[tuple[bytes, bytes]]) -> bytes:
-    """A worker's response headers as relayed: hop-by-hop and replaced ones dropped.
+class _Relayed(NamedTuple):
+    """A worker's response header set as relayed, with what the relay needs to know of it."""
+
+    lines: bytes  # hop-by-hop and replaced headers dropped
+    content_length: int | None
+    event_stream: bool  # Content-Type: text/event-stream (never answered from a buffer)
+
+
+def _relayed_headers(block: bytes) -> _Relayed:
+    """A worker's response headers (the head's header lines) as relayed: hop-by-hop and
+    replaced ones dropped.
 
     Workers repeat the same few header sets, so the result is remembered per set.
     """
-    key = tuple(raw)
-    out = _RELAYED.get(key)
+    out = _RELAYED.get(block)
     if out is not None:
         return out
+    raw = header_pairs(block)
     drop = _HOP_B
+    length: int | None = None
+    event_stream = False
     for name, value in raw:
-        if name.lower() == b"connection":
+        lower = name.lower()
+        if lower == b"connection":
             drop = drop.union(t.strip().lower() for t in value.split(b","))
+        elif lower == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                length = None
+        elif lower == b"content-type":
+            event_stream = value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
     lines = []
     for name, value in raw:
         lower = name.lower()
         if lower in drop or lower in _REPLACED_RESPONSE_B or lower.startswith(_INTERNAL_B):
             continue
         lines.append(b"%b: %b\r\n" % (name, value))
-    out = b"".join(lines)
-    if len(out) <= 4096:  # only small header sets are remembered
+    out = _Relayed(b"".join(lines), length, event_stream)
+    if len(out.lines) <= 4096:  # only small header sets are remembered
         if len(_RELAYED) >= _RELAYED_MAX:
             _RELAYED.clear()
-        _RELAYED[key] = out
+        _RELAYED[block] = out
     return out
 
 
@@ -152,22 +191,22 @@ class _RequestIds:
 
 _request_ids = _RequestIds()
 
+#: Request target -> (service, upstream path), for targets of catalog services.
+_ROUTES: dict[bytes, tuple[str, str]] = {}
+_ROUTES_MAX = 4096
+_ROUTE_MAX_TARGET = 512  # longer targets (long query strings) are not remembered
+
 
 def _str_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
 
 
-_HOSTS: dict[tuple[str, str, int], bytes] = {}
-
-
-def _host_value(key: tuple[str, str, int]) -> bytes:
-    """The Host header :class:`UpstreamPool` sends to ``key = (scheme, host, port)``."""
-    value = _HOSTS.get(key)
-    if value is None:
-        if len(_HOSTS) >= 4096:
-            _HOSTS.clear()
-        value = _HOSTS[key] = host_header(key).encode("latin-1")
-    return value
+def _worker_head(worker: WorkerRecord) -> bytes:
+    """The request header lines every request to ``worker`` carries: Host, its gateway key."""
+    head = b"Host: %s\r\n" % host_header(worker.origin).encode("latin-1")
+    if worker.gateway_key:
+        head += b"%s: %s\r\n" % (_GATEWAY_KEY_B, worker.gateway_key.encode("latin-1"))
+    return head
 
 
 def route_of(head: bytes) -> bool | None:
@@ -229,7 +268,7 @@ class _Request:
         "body",
         "buffered",
         "chunked",
-        "connection",
+        "client_ip",
         "consumed",
         "content_length",
         "content_type",
@@ -237,15 +276,19 @@ class _Request:
         "done",
         "expect",
         "fast",
+        "forward",
         "headers",
         "heartbeat",
+        "host",
         "http11",
         "keep_alive",
         "limit",
         "method",
         "over",
         "owner",
+        "request_id",
         "target",
+        "via_cloudflare",
         "waiter",
     )
 
@@ -274,26 +317,50 @@ class _Request:
         self.chunked = False
         self.content_type = ""
         self.expect = False
-        self.connection: list[bytes] = []
         self.heartbeat = False
         self.fast = False
         self.limit: int | None = None  # body bytes accepted; past it, `over` and the rest dropped
         self.over = False
+        self.request_id: str | None = None  # X-Request-Id as presented (checked before use)
+        self.host: bytes | None = None
+        self.client_ip: bytes | None = None  # CF-Connecting-IP
+        self.via_cloudflare = False  # CF-Ray present: the client spoke HTTPS to the edge
+        # One pass over the headers: what the request says of itself, and the headers
+        # forwarded to the worker (hop-by-hop, replaced and internal ones dropped).
+        forward: list[tuple[bytes, bytes]] = []
+        self.forward = forward
+        connection: list[bytes] = []
         for name, value in headers:
             lower = name.lower()
-            if lower == b"content-length":
-                try:
-                    self.content_length = int(value)
-                except ValueError:
-                    self.content_length = None
-            elif lower == b"transfer-encoding":
-                self.chunked = b"chunked" in value.lower()
-            elif lower == b"content-type":
-                self.content_type = value.split(b";", 1)[0].strip().decode("latin-1").lower()
-            elif lower == b"expect":
-                self.expect = value.strip().lower() == b"100-continue"
-            elif lower == b"connection":
-                self.connection.extend(t.strip().lower() for t in value.split(b","))
+            if lower in _NOTED_REQUEST:
+                if lower == b"content-length":
+                    try:
+                        self.content_length = int(value)
+                    except ValueError:
+                        self.content_length = None
+                elif lower == b"transfer-encoding":
+                    self.chunked = b"chunked" in value.lower()
+                elif lower == b"content-type":
+                    self.content_type = value.split(b";", 1)[0].strip().decode("latin-1").lower()
+                elif lower == b"expect":
+                    self.expect = value.strip().lower() == b"100-continue"
+                elif lower == b"connection":
+                    connection.extend(t.strip().lower() for t in value.split(b","))
+                elif lower == b"x-request-id":
+                    self.request_id = value.decode("latin-1")
+                elif lower == b"host":
+                    if self.host is None:
+                        self.host = value
+                elif lower == b"cf-connecting-ip":
+                    self.client_ip = value
+                else:  # cf-ray
+                    self.via_cloudflare = True
+            if lower in _DROPPED_REQUEST or lower.startswith(_INTERNAL_B):
+                continue
+            forward.append((name, value))
+        if connection and not _HOP_B.issuperset(connection):
+            named = frozenset(connection)  # headers the client's Connection names are hop-by-hop
+            self.forward = [kv for kv in forward if kv[0].lower() not in named]
 
     @property
     def has_body(self) -> bool:
@@ -362,7 +429,7 @@ class _Exchange:
         "started",
         "upstream_pool",
     )
-    deadline: float  # loop time by which the response head must have arrived
+    deadline: float  # time.perf_counter() by which the response head must have arrived
     started: float
 
     def __init__(
@@ -414,7 +481,7 @@ class FrontServer:
 
     def _sweep(self, timeout: float) -> None:
         self.sweeper = None
-        now = self.loop.time()
+        now = time.perf_counter()  # exchanges' deadlines are on this clock
         waiting = False
         for conn in list(self.connections):
             ex = conn.fast
@@ -487,7 +554,8 @@ class FrontProtocol(asyncio.Protocol):
         self.idle_timer: asyncio.TimerHandle | None = None
         self.idle_since: float | None = None  # None while a request is being read or answered
         self.peer = ""
-        self.local = ""
+        self.peer_b = b""
+        self.local_b = b""
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0
@@ -504,9 +572,10 @@ class FrontProtocol(asyncio.Protocol):
         self.front.connections.add(self)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) else ""
+        self.peer_b = self.peer.encode("latin-1")
         sock = transport.get_extra_info("sockname")
         if isinstance(sock, tuple):
-            self.local = f"{sock[0]}:{sock[1]}"
+            self.local_b = f"{sock[0]}:{sock[1]}".encode("latin-1")
         self._idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -544,7 +613,7 @@ class FrontProtocol(asyncio.Protocol):
             self._feed(data)
             return
         buf = self.pending + data if self.pending else data
-        ours = route_of(buf)
+        ours = True if buf.startswith(_SERVICE_LINES) else route_of(buf)
         if ours is None:
             if len(buf) <= _MAX_LINE:
                 # Not busy yet: a connection that never completes its request line still
@@ -679,7 +748,8 @@ class FrontProtocol(asyncio.Protocol):
         self.in_message = False
         if req is not None:
             req.done = True
-            req.wake()
+            if req.waiter is not None:
+                req.wake()
             if req.fast:
                 self._fast_start(req)
 
@@ -812,14 +882,30 @@ class FrontProtocol(asyncio.Protocol):
         if pending is not None:
             self.handoff(pending)
             return None
-        self._resume_reading()
+        if self.reading_paused:
+            self._resume_reading()
         self._idle()
         return None
 
-    def _check(self, req: _Request) -> tuple[str, str, str] | None:
-        """``(service, tail, query)`` of a proxied request, or None once an error is answered."""
+    def _check(self, req: _Request) -> tuple[str, str] | None:
+        """``(service, upstream path)`` of a proxied request, or None once an error is answered.
+
+        Targets of catalog services are remembered (the catalog does not change at run time):
+        a repeated target costs one dict lookup.
+        """
         coord = self.front.coordinator
-        registry = coord.registry
+        route = _ROUTES.get(req.target)
+        if route is None:
+            route = self._route(req)
+            if route is None:
+                return None
+        if coord.proxy.in_flight >= coord.settings.max_inflight:
+            self._unavailable(req, "overloaded", "the coordinator is at its concurrency limit")
+            return None
+        return route
+
+    def _route(self, req: _Request) -> tuple[str, str] | None:
+        registry = self.front.coordinator.registry
         target = req.target.decode("latin-1")
         raw_path, _, query = target.partition("?")
         name, slash, rest = raw_path[len("/service/") :].partition("/")
@@ -841,15 +927,17 @@ class FrontProtocol(asyncio.Protocol):
         ):
             self._error(req, 400, "invalid_path", "dot segments are not allowed")
             return None
-        if coord.proxy.in_flight >= coord.settings.max_inflight:
-            self._unavailable(req, "overloaded", "the coordinator is at its concurrency limit")
-            return None
-        return service, tail, query
+        route = service, f"/service/{service}{tail or '/'}" + (f"?{query}" if query else "")
+        if service in registry.catalog and len(req.target) <= _ROUTE_MAX_TARGET:
+            if len(_ROUTES) >= _ROUTES_MAX:
+                _ROUTES.clear()
+            _ROUTES[req.target] = route
+        return route
 
     def _plan(
-        self, req: _Request, service: str, tail: str, query: str, model: str | None
-    ) -> tuple[Pool, str, list[tuple[bytes, bytes]], str] | None:
-        """``(pool, path, headers, request_id)``, or None once an error is answered."""
+        self, req: _Request, service: str, model: str | None
+    ) -> tuple[Pool, list[tuple[bytes, bytes]], str] | None:
+        """``(pool, headers, request_id)``, or None once an error is answered."""
         registry = self.front.coordinator.registry
         pool = registry.pool(service, model)
         if pool is None and model is not None and registry.models(service):
@@ -864,14 +952,13 @@ class FrontProtocol(asyncio.Protocol):
         if pool is None or pool.size == 0:
             self._unavailable(req, "no_ready_workers", f"no worker is ready for {service!r}")
             return None
-        presented = req.header(b"x-request-id")
+        presented = req.request_id
         request_id = (
             presented
             if presented is not None and REQUEST_ID_RE.match(presented)
             else _request_ids.next()
         )
-        path = f"/service/{service}{tail or '/'}" + (f"?{query}" if query else "")
-        return pool, path, self._request_headers(req, request_id), request_id
+        return pool, self._request_headers(req, request_id), request_id
 
     async def _answer(self, req: _Request) -> None:
         if req.heartbeat:
@@ -880,7 +967,7 @@ class FrontProtocol(asyncio.Protocol):
         checked = self._check(req)
         if checked is None:
             return
-        service, tail, query = checked
+        service, path = checked
         settings = self.front.coordinator.settings
         body: bytes | None = None
         model: str | None = None
@@ -894,10 +981,10 @@ class FrontProtocol(asyncio.Protocol):
             self._continue(req)
             body = await req.read()
             model = sniff_model(body)
-        plan = self._plan(req, service, tail, query, model)
+        plan = self._plan(req, service, model)
         if plan is None:
             return
-        pool, path, headers, request_id = plan
+        pool, headers, request_id = plan
         await self._attempts(req, service, pool, path, _str_headers(headers), body, request_id)
 
     async def _attempts(
@@ -977,12 +1064,12 @@ class FrontProtocol(asyncio.Protocol):
         if checked is None:
             self._after_fast(req)
             return
-        service, tail, query = checked
-        plan = self._plan(req, service, tail, query, None)
+        service, path = checked
+        plan = self._plan(req, service, None)
         if plan is None:
             self._after_fast(req)
             return
-        pool, path, headers, request_id = plan
+        pool, headers, request_id = plan
         coord = self.front.coordinator
         upstream_pool = coord.proxy._pool
         slot = pool.pick(coord.registry.rng)
@@ -1006,44 +1093,45 @@ class FrontProtocol(asyncio.Protocol):
             return
         assert upstream_pool is not None
         worker = slot.worker
-        key = worker.origin
         method = req.method
-        head = [
-            b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method.encode(), path.encode(), _host_value(key))
-        ]
-        head.extend([b"%s: %s\r\n" % kv for kv in headers])
-        if worker.gateway_key:
-            head.append(b"%s: %s\r\n" % (_GATEWAY_KEY_B, worker.gateway_key.encode("latin-1")))
-        if method in _BODY_METHODS:
-            head.append(b"Content-Length: 0\r\n")
-        head.append(b"\r\n")
+        worker_head = worker.proxy_head
+        if worker_head is None:
+            worker_head = worker.proxy_head = _worker_head(worker)
+        head = b"%s %s HTTP/1.1\r\n%s%s%s\r\n" % (
+            method.encode(),
+            path.encode(),
+            worker_head,
+            b"".join([b"%s: %s\r\n" % kv for kv in headers]),
+            b"Content-Length: 0\r\n" if method in _BODY_METHODS else b"",
+        )
         coord.registry.acquire(slot)
         coord.proxy.in_flight += 1
-        conn.begin(head=method == "HEAD")
-        conn.transport.write(b"".join(head))
+        conn.begin(method == "HEAD", self._on_upstream_head)
+        conn.transport.write(head)
         ex = _Exchange(req, slot, conn, upstream_pool, service, pool, path, headers, request_id)
-        ex.deadline = self.loop.time() + upstream_pool.read_timeout
-        ex.started = time.perf_counter()
+        ex.started = started = time.perf_counter()
+        ex.deadline = started + upstream_pool.read_timeout
         self.fast = ex
         if self.front.sweeper is None:
             self.front.watch(upstream_pool.read_timeout)
-        conn.headers_done.add_done_callback(partial(self._fast_headers, ex))
 
-    def _fast_headers(self, ex: _Exchange, fut: asyncio.Future[None]) -> None:
-        if self.fast is not ex:
+    def _on_upstream_head(self, conn: _Connection) -> None:
+        """The worker's response head was parsed (often its whole response), or it failed."""
+        ex = self.fast
+        if ex is None or ex is _PENDING or ex.conn is not conn:
             return  # the client went away; _abandon cleaned up
         try:
-            self._fast_answer(ex, fut)
+            self._fast_answer(ex)
         except Exception:
             if self.fast is ex:
                 self._abandon(ex)
             self._crashed(ex.req)
 
-    def _fast_answer(self, ex: _Exchange, fut: asyncio.Future[None]) -> None:
+    def _fast_answer(self, ex: _Exchange) -> None:
         req, conn, worker = ex.req, ex.conn, ex.slot.worker
         coord = self.front.coordinator
-        exc = fut.exception()
-        if exc is not None:
+        if not conn.head_seen:
+            exc = conn.error
             if isinstance(exc, Disconnected):
                 # A pooled connection the worker had closed: the task path tries again.
                 self._fast_end(ex, 0)
@@ -1089,38 +1177,40 @@ class FrontProtocol(asyncio.Protocol):
                     "the worker's answer was not valid HTTP",
                 )
             else:
-                raise exc
+                raise AssertionError(f"unexpected upstream failure: {exc!r}")
+            self._fast_end(ex, status)
+            self._after_fast(req)
+            return
+        status = conn.status
+        coord.metrics.observe_response(ex.service, time.perf_counter() - ex.started)
+        relayed = _relayed_headers(conn.head_block)
+        if (
+            conn.complete
+            and relayed.content_length is not None
+            and relayed.content_length <= _SMALL_BODY
+            and status >= 200
+            and status not in _NO_BODY_STATUS
+            and req.method != "HEAD"
+            and not relayed.event_stream
+        ):
+            payload = conn.take() or b""
+            close = b"Connection: close\r\n" if not req.keep_alive or self.close_after else b""
+            self._write(
+                b"%b%bX-Request-Id: %b\r\nContent-Length: %d\r\n%b\r\n%b"
+                % (
+                    _status_line(status),
+                    relayed.lines,
+                    ex.request_id.encode("latin-1"),
+                    len(payload),
+                    close,
+                    payload,
+                )
+            )
+            ex.upstream_pool.reuse(worker.origin, conn)
             self._fast_end(ex, status)
             self._after_fast(req)
             return
         upstream = UpstreamResponse(ex.upstream_pool, worker.origin, conn)
-        status = upstream.status
-        coord.metrics.observe_response(ex.service, time.perf_counter() - ex.started)
-        length = upstream.content_length
-        if (
-            conn.complete
-            and length is not None
-            and length <= _SMALL_BODY
-            and status >= 200
-            and status not in _NO_BODY_STATUS
-            and req.method != "HEAD"
-            and upstream.content_type != "text/event-stream"
-        ):
-            parts = []
-            while (data := conn.take()) is not None:
-                parts.append(data)
-            payload = b"".join(parts)
-            lines = self._response_head(upstream, request_id=ex.request_id)
-            lines.append(b"Content-Length: %d\r\n" % len(payload))
-            if not req.keep_alive or self.close_after:
-                lines.append(b"Connection: close\r\n")
-            lines.append(b"\r\n")
-            lines.append(payload)
-            self._write(b"".join(lines))
-            upstream.release()
-            self._fast_end(ex, status)
-            self._after_fast(req)
-            return
         self.fast = None  # the slot stays held until the task has relayed the body
         self._spawn(req, partial(self._fast_relay, ex, upstream))
 
@@ -1199,26 +1289,13 @@ class FrontProtocol(asyncio.Protocol):
             self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _request_headers(self, req: _Request, request_id: str) -> list[tuple[bytes, bytes]]:
-        drop = _HOP_B.union(req.connection) if req.connection else _HOP_B
-        out: list[tuple[bytes, bytes]] = []
-        client = host = None
-        https = False
-        for key, value in req.headers:
-            lower = key.lower()
-            if lower == b"cf-connecting-ip":
-                client = value
-            elif lower == b"cf-ray":
-                https = True
-            elif lower == b"host" and host is None:
-                host = value
-            if lower in drop or lower in _REPLACED_REQUEST_B or lower.startswith(_INTERNAL_B):
-                continue
-            out.append((key, value))
-        out.append((b"X-Forwarded-For", client or self.peer.encode("latin-1")))
-        out.append((b"X-Forwarded-Proto", b"https" if https else b"http"))
-        out.append((b"X-Forwarded-Host", host or self.local.encode("latin-1")))
-        out.append((_REQUEST_ID_B, request_id.encode("latin-1")))
-        return out
+        return [
+            *req.forward,
+            (b"X-Forwarded-For", req.client_ip or self.peer_b),
+            (b"X-Forwarded-Proto", b"https" if req.via_cloudflare else b"http"),
+            (b"X-Forwarded-Host", req.host or self.local_b),
+            (_REQUEST_ID_B, request_id.encode("latin-1")),
+        ]
 
     async def _send(
         self,
@@ -1323,7 +1400,7 @@ class FrontProtocol(asyncio.Protocol):
         """The status line and the worker's headers as relayed, plus X-Request-Id."""
         return [
             _status_line(upstream.status),
-            _relayed_headers(upstream.raw_headers),
+            _relayed_headers(upstream.head_block).lines,
             b"X-Request-Id: %b\r\n" % request_id.encode("latin-1"),
         ]
 

@@ -87,6 +87,7 @@ class WorkerRecord:
         "last_beat",
         "missed",
         "origin",
+        "proxy_head",
         "registered_at",
         "reported_active",
         "slots",
@@ -115,6 +116,8 @@ class WorkerRecord:
         self.tunnel_url = tunnel_url
         self.origin = origin_key(tunnel_url)
         self.gateway_key = gateway_key
+        # The front door's Host and gateway-key header lines for this worker, made on first use.
+        self.proxy_head: bytes | None = None
         # Kept compact (the JSON of its non-default fields): a validated pydantic model costs
         # about 1.5 KiB per worker, and only the admin views read it back.
         self._caps = capabilities.model_dump_json(exclude_defaults=True).encode()

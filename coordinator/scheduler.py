@@ -98,29 +98,35 @@ class Slot:
 
 
 class Pool:
-    """Routable slots of one ``(service, model)`` pair, bucketed by in-flight count."""
+    """Routable slots of one ``(service, model)`` pair, bucketed by in-flight count.
 
-    __slots__ = ("_buckets", "_min", "size")
+    Buckets that empty are kept (at most ``MAX_CONCURRENCY_CAP + 1`` of them), so a request's
+    acquire and release move a slot between two existing buckets without allocating.
+    """
+
+    __slots__ = ("_buckets", "_free", "_min", "size")
 
     def __init__(self) -> None:
         self._buckets: dict[int, IndexedSet[Slot]] = {}
         self._min = 0  # a lower bound of the smallest non-empty bucket key
+        self._free = 0  # slots in buckets (routable and not full)
         self.size = 0  # routable slots, full ones included
 
     def _bucket_add(self, slot: Slot, load: int) -> None:
         bucket = self._buckets.get(load)
         if bucket is None:
             bucket = self._buckets[load] = IndexedSet()
-        bucket.add(slot)
+        if slot not in bucket:
+            bucket.add(slot)
+            self._free += 1
         if load < self._min:
             self._min = load
 
     def _bucket_discard(self, slot: Slot, load: int) -> None:
         bucket = self._buckets.get(load)
-        if bucket is not None:
+        if bucket is not None and slot in bucket:
             bucket.discard(slot)
-            if not bucket:
-                del self._buckets[load]
+            self._free -= 1
 
     def add(self, slot: Slot) -> None:
         self.size += 1
@@ -132,29 +138,56 @@ class Pool:
         self._bucket_discard(slot, slot.in_flight)
 
     def move(self, slot: Slot, old: int) -> None:
-        """``slot.in_flight`` changed from ``old``: re-bucket it."""
-        if old < slot.max_concurrency:
-            self._bucket_discard(slot, old)
-        if not slot.full:
-            self._bucket_add(slot, slot.in_flight)
+        """``slot.in_flight`` changed from ``old``: re-bucket it.
+
+        On every proxied request's path (twice), so the bucket operations are written inline.
+        """
+        buckets = self._buckets
+        cap = slot.max_concurrency
+        if old < cap:
+            bucket = buckets.get(old)
+            if bucket is not None:
+                pos = bucket._pos.pop(slot, None)
+                if pos is not None:
+                    items = bucket._items
+                    last = items.pop()
+                    if pos < len(items):
+                        items[pos] = last
+                        bucket._pos[last] = pos
+                    self._free -= 1
+        new = slot.in_flight
+        if new < cap:
+            bucket = buckets.get(new)
+            if bucket is None:
+                bucket = buckets[new] = IndexedSet()
+            if slot not in bucket._pos:
+                bucket._pos[slot] = len(bucket._items)
+                bucket._items.append(slot)
+                self._free += 1
+            if new < self._min:
+                self._min = new
 
     @property
     def available(self) -> bool:
-        return bool(self._buckets)
+        return self._free > 0
 
     def pick(self, rng: random.Random, exclude: frozenset[str] = frozenset()) -> Slot | None:
         """The least-outstanding slot not owned by an excluded worker, or ``None``."""
-        if not self._buckets:
+        if not self._free:
             return None
+        buckets = self._buckets
         load = self._min
         top = MAX_CONCURRENCY_CAP
         while load < top:
-            bucket = self._buckets.get(load)
-            if bucket is None:
+            bucket = buckets.get(load)
+            if bucket is None or not bucket._items:
                 load += 1
                 continue
             if not exclude:
                 self._min = load
+                items = bucket._items
+                if len(items) == 1:
+                    return items[0]
             chosen = _pick_in_bucket(bucket, rng, exclude)
             if chosen is not None:
                 return chosen

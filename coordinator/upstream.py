@@ -19,12 +19,13 @@ import asyncio
 import collections
 import ssl
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import cast
 
 import httptools
 
 _MAX_BUFFER = 256 * 1024  # response bytes buffered before reading from the socket pauses
+_MAX_HEAD = 64 * 1024  # response bytes accepted before the response head is complete
 
 
 class UpstreamError(Exception):
@@ -56,7 +57,13 @@ class BodyError(UpstreamError):
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection; carries one request/response exchange at a time."""
+    """One keep-alive connection; carries one request/response exchange at a time.
+
+    An exchange starts with :meth:`begin`. Its caller learns that the response head arrived
+    (or that the exchange failed) either from the ``headers_done`` future, or, cheaper, from a
+    ``notify`` callback run synchronously from :meth:`data_received` once the bytes received
+    so far are parsed (so a small response is usually complete by then) or from the failure.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -64,19 +71,27 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.reused = False
+        self.active = False  # an exchange is in progress (bytes are expected)
         self._parser: httptools.HttpResponseParser | None = None
+        self._interim = False  # parsing a 1xx interim response, which is skipped
         self._can_write = asyncio.Event()
         self._can_write.set()
-        self._reset()
+        self.buffer: collections.deque[bytes] = collections.deque()
+        self._reset(None)
 
-    def _reset(self) -> None:
+    def _reset(self, notify: Callable[[_Connection], None] | None) -> None:
         self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.headers_done: asyncio.Future[None] = self.loop.create_future()
+        self.head_block = b""  # the response's header lines, each ending in CRLF
+        self._raw = b""  # bytes received until the response head was parsed
+        self.head_seen = False
+        self.notify = notify
+        self.headers_done: asyncio.Future[None] | None = (
+            None if notify is not None else self.loop.create_future()
+        )
         self.complete = False
         self.keep_alive = False
         self.head = False
-        self.buffer: collections.deque[bytes] = collections.deque()
+        self.buffer.clear()
         self.buffered = 0
         self.paused = False
         self.error: BaseException | None = None
@@ -89,19 +104,32 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._parser is None:  # bytes while idle: the server is confused; drop the link
+        parser = self._parser
+        if parser is None or not self.active:
+            # Bytes while idle: the server is confused; drop the link.
             self._fail(Disconnected("unexpected bytes on an idle connection", reused=True))
             return
+        if not self.head_seen:
+            # The head is split from these bytes once parsed (on_headers_complete).
+            self._raw = self._raw + data if self._raw else data
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(BodyError(f"invalid HTTP response: {exc}"))
+            return
+        if not self.head_seen and len(self._raw) > _MAX_HEAD:
+            self._fail(BodyError(f"no response head within {_MAX_HEAD} bytes"))
+            return
+        notify = self.notify
+        if notify is not None and self.head_seen:
+            self.notify = None
+            notify(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._can_write.set()
         if not self.complete:
-            if not self.headers_done.done():
+            if not self.head_seen:
                 self._fail(
                     Disconnected("connection closed before the response", reused=self.reused)
                 )
@@ -114,20 +142,31 @@ class _Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._can_write.set()
 
-    # httptools callbacks ----------------------------------------------------------------
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The response headers, in order, as ``(name, value)`` byte pairs."""
+        return header_pairs(self.head_block)
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+    # httptools callbacks (no on_header: the head is split from the bytes, see _final_head) -
 
     def on_headers_complete(self) -> None:
         assert self._parser is not None
-        self.status = self._parser.get_status_code()
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # An interim response (100 Continue, 103 Early Hints): not the answer; skip it.
+            self._interim = True
+            return
+        self.head_block = _final_head(self._raw)  # a BodyError here fails the exchange
+        self._raw = b""
+        self.status = status
         self.keep_alive = self._parser.should_keep_alive()
         if self.head:
             self.complete = True
             self.keep_alive = False
-        if not self.headers_done.done():
-            self.headers_done.set_result(None)
+        self.head_seen = True
+        done = self.headers_done
+        if done is not None and not done.done():
+            done.set_result(None)
 
     def on_body(self, body: bytes) -> None:
         self.buffer.append(body)
@@ -135,12 +174,17 @@ class _Connection(asyncio.Protocol):
         if self.buffered > _MAX_BUFFER and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
-        self._wake()
+        if self.waiter is not None:
+            self._wake()
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self.complete = True
-        self._parser = None
-        self._wake()
+        self.active = False
+        if self.waiter is not None:
+            self._wake()
 
     # helpers ----------------------------------------------------------------------------
 
@@ -152,20 +196,35 @@ class _Connection(asyncio.Protocol):
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:
             self.error = exc
-        if not self.headers_done.done():
-            self.headers_done.set_exception(exc)
-            self.headers_done.exception()  # mark retrieved; the caller re-raises it
+        self.active = False
+        self._parser = None  # never parse on this connection again
+        done = self.headers_done
+        if done is not None and not done.done():
+            done.set_exception(exc)
+            done.exception()  # mark retrieved; the caller re-raises it
         self._wake()
         if self.transport is not None:
             self.transport.close()
+        notify = self.notify
+        if notify is not None:
+            self.notify = None
+            notify(self)
 
     def time_out(self, what: str) -> None:
         self._fail(ResponseTimeout(f"{what} within the read timeout"))
 
-    def begin(self, head: bool) -> None:
-        self._reset()
+    def begin(self, head: bool, notify: Callable[[_Connection], None] | None = None) -> None:
+        """Start an exchange (the request is written by the caller right after).
+
+        Without ``notify`` the caller awaits ``headers_done``; with it, ``notify(self)`` runs
+        once, when the response head has been parsed or the exchange failed (``error``).
+        """
+        self._reset(notify)
         self.head = head
-        self._parser = httptools.HttpResponseParser(self)
+        self.active = True
+        if self._parser is None:
+            # One parser per connection: llhttp parses the keep-alive responses in sequence.
+            self._parser = httptools.HttpResponseParser(self)
 
     async def drain(self) -> None:
         if not self._can_write.is_set():
@@ -190,6 +249,38 @@ class _Connection(asyncio.Protocol):
         return b""
 
 
+def _final_head(raw: bytes) -> bytes:
+    """The header lines of the final response head at the start of ``raw``, CRLF-terminated.
+
+    ``raw`` holds the bytes of an exchange up to (at least) the end of the final response head,
+    which httptools (llhttp, strict: CRLF line ends, no obs-fold, no space before a colon) has
+    accepted; interim 1xx heads before it are skipped. Splitting the head from the bytes costs
+    far less than a Python callback per header.
+    """
+    start = 0
+    while True:
+        while raw.startswith(b"\r\n", start):
+            start += 2
+        end = raw.find(b"\r\n\r\n", start)
+        line_end = raw.find(b"\r\n", start)
+        if end < 0 or not raw.startswith(b"HTTP/", start):
+            raise BodyError("invalid HTTP response head")
+        status = raw[start + 9 : start + 12]
+        if status[:1] == b"1" and status != b"101":
+            start = end + 4
+            continue
+        return raw[line_end + 2 : end + 2]
+
+
+def header_pairs(block: bytes) -> list[tuple[bytes, bytes]]:
+    """``(name, value)`` pairs of CRLF-terminated header lines (values as llhttp gives them)."""
+    pairs = []
+    for line in block.split(b"\r\n")[:-1]:
+        name, _, value = line.partition(b":")
+        pairs.append((name, value.lstrip(b" \t")))
+    return pairs
+
+
 class UpstreamResponse:
     """Response head plus a streamed body. Call :meth:`release` (or :meth:`close`) when done."""
 
@@ -198,10 +289,11 @@ class UpstreamResponse:
         self._key = key
         self._conn: _Connection | None = conn
         self.status = conn.status
+        self.head_block = conn.head_block
         self.raw_headers = conn.headers
         self.content_length: int | None = None
         self.content_type = ""
-        for name, value in conn.headers:
+        for name, value in self.raw_headers:
             lower = name.lower()
             if lower == b"content-length":
                 try:
@@ -234,12 +326,8 @@ class UpstreamResponse:
 
     def release(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        if conn.complete and conn.keep_alive and not conn.closed and conn.error is None:
-            self._pool._put(self._key, conn)
-        elif conn.transport is not None:
-            conn.transport.close()
+        if conn is not None:
+            self._pool.reuse(self._key, conn)
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -272,6 +360,13 @@ class UpstreamPool:
         self.max_idle_per_origin = max_idle_per_origin
         self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
+
+    def reuse(self, key: tuple[str, str, int], conn: _Connection) -> None:
+        """After an exchange: pool ``conn`` if its response was read whole and it stays open."""
+        if conn.complete and conn.keep_alive and not conn.closed and conn.error is None:
+            self._put(key, conn)
+        elif conn.transport is not None:
+            conn.transport.close()
 
     def _put(self, key: tuple[str, str, int], conn: _Connection) -> None:
         idle = self._idle.get(key)
@@ -371,6 +466,7 @@ class UpstreamPool:
             transport.close()
             raise
         timer = conn.loop.call_later(self.read_timeout, conn.time_out, "no response")
+        assert conn.headers_done is not None
         try:
             await conn.headers_done
         finally:
@@ -383,7 +479,7 @@ class UpstreamPool:
         transport = conn.transport
         assert transport is not None
         async for chunk in body:
-            if conn.closed or conn.headers_done.done():
+            if conn.closed or conn.head_seen or conn.error is not None:
                 break  # the server answered (or left) early: stop sending
             if not chunk:
                 continue
@@ -414,5 +510,6 @@ __all__ = [
     "UpstreamError",
     "UpstreamPool",
     "UpstreamResponse",
+    "header_pairs",
     "host_header",
 ]

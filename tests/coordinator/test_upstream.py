@@ -78,3 +78,34 @@ async def test_an_ipv6_literal_is_bracketed_in_the_host_header() -> None:
     except OSError:
         pytest.skip("no IPv6 loopback")
     assert await _host_header_seen("::1") == b"[::1]:PORT"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nA:\tb \t\r\nB:\r\nC:  x:y  \r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nD: 1\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\nLink: <a>\r\n\r\n\r\nHTTP/1.1 200 OK\r\nE: 2\r\n\r\n",
+    ],
+)
+def test_headers_split_from_the_bytes_match_the_parser(head: bytes) -> None:
+    """The head split from the bytes (no callback per header) equals httptools' own view."""
+    import httptools
+
+    from coordinator.upstream import _final_head, header_pairs
+
+    class Collect:
+        def __init__(self) -> None:
+            self.headers: list[tuple[bytes, bytes]] = []
+
+        def on_message_begin(self) -> None:
+            self.headers = []  # only the last (final) head's headers count
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.headers.append((name, value))
+
+    seen = Collect()
+    httptools.HttpResponseParser(seen).feed_data(head)
+    assert header_pairs(_final_head(head)) == seen.headers
