@@ -262,35 +262,30 @@ class _HeadTooLarge(Exception):
 
 
 class _Request:
-    """One parsed request head and its streamed body."""
+    """One parsed request head and its streamed body.
 
-    __slots__ = (
-        "body",
-        "buffered",
-        "chunked",
-        "client_ip",
-        "consumed",
-        "content_length",
-        "content_type",
-        "discard",
-        "done",
-        "expect",
-        "fast",
-        "forward",
-        "headers",
-        "heartbeat",
-        "host",
-        "http11",
-        "keep_alive",
-        "limit",
-        "method",
-        "over",
-        "owner",
-        "request_id",
-        "target",
-        "via_cloudflare",
-        "waiter",
-    )
+    Attributes most requests leave as they are have class-level defaults (no ``__slots__``):
+    a request is made per proxied request, and setting a score of fields costs more than
+    its instance dict does.
+    """
+
+    buffered = 0  # body bytes buffered, not yet taken
+    consumed = 0  # body bytes taken
+    done = False  # the whole message was read
+    discard = False  # body bytes arriving from now on are dropped
+    waiter: asyncio.Future[None] | None = None
+    content_length: int | None = None
+    chunked = False
+    content_type = ""
+    expect = False  # Expect: 100-continue, not yet answered
+    heartbeat = False
+    fast = False  # answered from callbacks once the message is complete
+    limit: int | None = None  # body bytes accepted; past it, `over` and the rest dropped
+    over = False
+    request_id: str | None = None  # X-Request-Id as presented (checked before use)
+    host: bytes | None = None
+    client_ip: bytes | None = None  # CF-Connecting-IP
+    via_cloudflare = False  # CF-Ray present: the client spoke HTTPS to the edge
 
     def __init__(
         self,
@@ -308,23 +303,6 @@ class _Request:
         self.keep_alive = keep_alive
         self.http11 = http11
         self.body: collections.deque[bytes] = collections.deque()
-        self.buffered = 0
-        self.consumed = 0
-        self.done = False
-        self.discard = False
-        self.waiter: asyncio.Future[None] | None = None
-        self.content_length: int | None = None
-        self.chunked = False
-        self.content_type = ""
-        self.expect = False
-        self.heartbeat = False
-        self.fast = False
-        self.limit: int | None = None  # body bytes accepted; past it, `over` and the rest dropped
-        self.over = False
-        self.request_id: str | None = None  # X-Request-Id as presented (checked before use)
-        self.host: bytes | None = None
-        self.client_ip: bytes | None = None  # CF-Connecting-IP
-        self.via_cloudflare = False  # CF-Ray present: the client spoke HTTPS to the edge
         # One pass over the headers: what the request says of itself, and the headers
         # forwarded to the worker (hop-by-hop, replaced and internal ones dropped).
         forward: list[tuple[bytes, bytes]] = []
@@ -429,34 +407,36 @@ class _Exchange:
         "started",
         "upstream_pool",
     )
-    deadline: float  # time.perf_counter() by which the response head must have arrived
-    started: float
 
     def __init__(
         self,
-        req: _Request | None,
-        slot: Slot | None,
-        conn: _Connection | None,
-        upstream_pool: UpstreamPool | None,
+        req: _Request,
+        slot: Slot,
+        conn: _Connection,
+        upstream_pool: UpstreamPool,
         service: str,
-        pool: Pool | None,
+        pool: Pool,
         path: str,
         headers: list[tuple[bytes, bytes]],
         request_id: str,
+        started: float,
     ) -> None:
-        self.req = cast("_Request", req)
-        self.slot = cast("Slot", slot)
-        self.conn = cast("_Connection", conn)
-        self.upstream_pool = cast("UpstreamPool", upstream_pool)
+        self.req = req
+        self.slot = slot
+        self.conn = conn
+        self.upstream_pool = upstream_pool
         self.service = service
-        self.pool = cast("Pool", pool)
+        self.pool = pool
         self.path = path
         self.headers = headers
         self.request_id = request_id
+        self.started = started  # time.perf_counter() when the request was sent
+        self.deadline = started + upstream_pool.read_timeout  # for the response head
 
 
-#: Marks a request to be served from callbacks once its message is complete.
-_PENDING = _Exchange(None, None, None, None, "", None, "", [], "")
+#: Marks a request to be served from callbacks once its message is complete (never used as
+#: an exchange: it has no attributes).
+_PENDING: _Exchange = _Exchange.__new__(_Exchange)
 
 
 class FrontServer:
@@ -717,9 +697,9 @@ class FrontProtocol(asyncio.Protocol):
             req.heartbeat = True
             req.limit = self.front.coordinator.settings.max_control_body
         self.parsing = req
-        if self.busy:
+        if self.task is not None or self.fast is not None:  # busy
             self.queue.append(req)
-        elif not heartbeat and not req.has_body:
+        elif not heartbeat and not req.chunked and not req.content_length:  # no body
             req.fast = True  # answered from callbacks once the message is complete
             self.fast = _PENDING
         else:
@@ -1108,9 +1088,18 @@ class FrontProtocol(asyncio.Protocol):
         coord.proxy.in_flight += 1
         conn.begin(method == "HEAD", self._on_upstream_head)
         conn.transport.write(head)
-        ex = _Exchange(req, slot, conn, upstream_pool, service, pool, path, headers, request_id)
-        ex.started = started = time.perf_counter()
-        ex.deadline = started + upstream_pool.read_timeout
+        ex = _Exchange(
+            req,
+            slot,
+            conn,
+            upstream_pool,
+            service,
+            pool,
+            path,
+            headers,
+            request_id,
+            time.perf_counter(),
+        )
         self.fast = ex
         if self.front.sweeper is None:
             self.front.watch(upstream_pool.read_timeout)

@@ -259,14 +259,13 @@ def _final_head(raw: bytes) -> bytes:
     """
     start = 0
     while True:
-        while raw.startswith(b"\r\n", start):
-            start += 2
-        end = raw.find(b"\r\n\r\n", start)
+        if raw.startswith(b"\r\n", start):  # blank lines between responses
+            start = len(raw) - len(raw[start:].lstrip(b"\r\n"))
         line_end = raw.find(b"\r\n", start)
+        end = raw.find(b"\r\n\r\n", line_end)
         if end < 0 or not raw.startswith(b"HTTP/", start):
             raise BodyError("invalid HTTP response head")
-        status = raw[start + 9 : start + 12]
-        if status[:1] == b"1" and status != b"101":
+        if raw[start + 9] == 0x31 and raw[start + 9 : start + 12] != b"101":  # 1xx: interim
             start = end + 4
             continue
         return raw[line_end + 2 : end + 2]
