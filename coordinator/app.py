@@ -50,12 +50,11 @@ from coordinator.registry import (
 )
 from coordinator.settings import CoordinatorSettings
 from coordinator.status_page import render_status
-from coordinator.urls import InvalidTunnelURL, validate_tunnel_url
+from coordinator.urls import InvalidTunnelURL, public_url, request_host, validate_tunnel_url
 
 log = structlog.get_logger("coordinator")
 
 _ID = re.compile(ID_PATTERN)
-_HOST = re.compile(r"^[A-Za-z0-9.\-\[\]:]{1,260}$")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -93,13 +92,17 @@ class Coordinator:
         log.info("worker_removed", worker_id=record.worker_id, reason=reason)
 
     def public_url(self, request: web.Request) -> str:
-        if self.settings.coordinator_public_url:
-            return self.settings.coordinator_public_url.rstrip("/")
-        proto = request.headers.get("X-Forwarded-Proto", request.scheme).lower()
-        if proto not in ("http", "https"):
-            proto = request.scheme
-        host = request.host if _HOST.match(request.host or "") else "127.0.0.1"
-        return f"{proto}://{host}"
+        """This coordinator's URL as ``request`` shows it (:func:`coordinator.urls.public_url`)."""
+        transport = request.transport
+        return public_url(
+            self.settings.coordinator_public_url,
+            scheme=request.scheme,
+            forwarded_proto=request.headers.get("X-Forwarded-Proto"),
+            host=request_host(
+                request.headers.get("Host"),
+                transport.get_extra_info("sockname") if transport is not None else None,
+            ),
+        )
 
     def _is_admin(self, request: web.Request) -> bool:
         return self._admin is not None and _matches(bearer(request), self._admin)
@@ -120,24 +123,46 @@ class Coordinator:
         body = await read_capped(
             request, self.settings.max_control_body, self.settings.client_read_timeout
         )
-        if self._join is not None and not _matches(bearer(request), self._join):
+        answer = self.answer_register(
+            body, request.headers.get("Authorization"), self.public_url(request)
+        )
+        return _parts_response(*answer)
+
+    def answer_register(
+        self, body: bytes, authorization: str | None, coordinator_url: str
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """A registration's answer: status, JSON body and extra headers.
+
+        The one implementation behind ``POST /api/worker/register``, whether aiohttp or the
+        front door (:mod:`coordinator.frontdoor`) read the request; both read the body first
+        (capped at ``MAX_CONTROL_BODY``, 413, and ``CLIENT_READ_TIMEOUT``, 408).
+        ``coordinator_url`` is the request's :func:`coordinator.urls.public_url`.
+        """
+        if self._join is not None and not _matches(bearer_token(authorization), self._join):
             self.metrics.registrations.labels("unauthorized").inc()
-            return json_error(
+            return (
                 401,
-                "unauthorized",
-                "registration needs the federation's join token (Authorization: Bearer ...)",
-                headers={"WWW-Authenticate": "Bearer"},
+                error_body(
+                    "unauthorized",
+                    "registration needs the federation's join token (Authorization: Bearer ...)",
+                ),
+                {"WWW-Authenticate": "Bearer"},
             )
         if not self._register_bucket.take():
             self.metrics.registrations.labels("shed").inc()
-            return json_error(
+            return (
                 503,
-                "register_busy",
-                "too many registrations right now; retry after the Retry-After delay",
-                headers={"Retry-After": str(self.settings.retry_after)},
+                error_body(
+                    "register_busy",
+                    "too many registrations right now; retry after the Retry-After delay",
+                ),
+                {"Retry-After": str(self.settings.retry_after)},
             )
-        req = parse_model(WorkerRegisterRequest, body)
-        self._check_version(req.protocol_version)
+        try:
+            req = parse_model(WorkerRegisterRequest, body)
+            self._check_version(req.protocol_version)
+        except BadRequest as exc:
+            return response_parts(exc.response)
         try:
             tunnel_url = validate_tunnel_url(
                 req.tunnel_url,
@@ -146,13 +171,13 @@ class Coordinator:
             )
         except InvalidTunnelURL as exc:
             self.metrics.registrations.labels("invalid_tunnel_url").inc()
-            return json_error(422, "invalid_tunnel_url", str(exc))
+            return 422, error_body("invalid_tunnel_url", str(exc)), {}
         try:
             reg = self.registry.register(req, tunnel_url, new_id=_new_worker_id)
         except RegistryError as exc:
             self.metrics.registrations.labels(exc.code).inc()
             status = 403 if isinstance(exc, Forbidden) else 503
-            return json_error(status, exc.code, str(exc))
+            return status, error_body(exc.code, str(exc)), {}
         record = reg.worker
         self.metrics.registrations.labels("replaced" if reg.replaced else "new").inc()
         log.info(
@@ -167,20 +192,17 @@ class Coordinator:
             worker_id=record.worker_id,
             worker_token=reg.worker_token,
             coordinator_id=self.coordinator_id,
-            coordinator_url=self.public_url(request),
+            coordinator_url=coordinator_url,
             assigned_services=record.assigned,
             heartbeat_interval=self.settings.heartbeat_interval,
         )
-        return _json(reply.model_dump_json(), status=200)
+        return 200, reply.model_dump_json().encode(), {}
 
     async def heartbeat(self, request: web.Request) -> web.Response:
         body = await read_capped(
             request, self.settings.max_control_body, self.settings.client_read_timeout
         )
-        status, payload, headers = self.answer_heartbeat(body, request.headers.get("Authorization"))
-        return web.Response(
-            status=status, body=payload, content_type="application/json", headers=headers or None
-        )
+        return _parts_response(*self.answer_heartbeat(body, request.headers.get("Authorization")))
 
     def answer_heartbeat(
         self, body: bytes, authorization: str | None
@@ -447,6 +469,13 @@ def heartbeat_reply(
         f'"state":"{state}","assigned_services":[{services}],'
         f'"heartbeat_interval":{heartbeat_interval!r}}}'
     ).encode()
+
+
+def _parts_response(status: int, payload: bytes, headers: dict[str, str]) -> web.Response:
+    """The aiohttp response of an ``answer_*`` method's (status, JSON body, extra headers)."""
+    return web.Response(
+        status=status, body=payload, content_type="application/json", headers=headers or None
+    )
 
 
 def _json(text: str, status: int = 200) -> web.Response:

@@ -1,15 +1,21 @@
-"""The coordinator's front door: ``/service/...`` and heartbeats served without aiohttp's server.
+"""The coordinator's front door: ``/service/...``, heartbeats and registrations without aiohttp.
 
 aiohttp's request handling (request objects, routing, middlewares, response objects) costs
 about as much CPU per request as nginx spends proxying one, so no handler running inside it can
 proxy at half of nginx's rate. This module puts a small ``asyncio.Protocol`` on the
 coordinator's port. For each request it looks at the request line: a ``/service/...`` request
 is parsed with ``httptools`` and proxied here (same scheduling, header policy, retries, errors,
-metrics and streaming as :mod:`coordinator.proxy`); ``POST /api/worker/heartbeat`` (the hot
-control-plane request) is answered here too, by the same :meth:`Coordinator.answer_heartbeat`
-the aiohttp route uses, after reading the body as ``read_capped`` does (413 past
-``MAX_CONTROL_BODY``, never buffered beyond it; 408 past ``CLIENT_READ_TIMEOUT``). Any other
-request hands the connection, with the bytes already read, to aiohttp's own protocol.
+metrics and streaming as :mod:`coordinator.proxy`). The two control-plane requests that come in
+volume, ``POST /api/worker/heartbeat`` (every worker, every interval) and ``POST
+/api/worker/register`` (thousands at once after a coordinator restart, through pooled
+keep-alive connections), are answered here too (with or without a query string, as aiohttp
+routes them), by the same :meth:`Coordinator.answer_heartbeat` and
+:meth:`Coordinator.answer_register` the aiohttp routes use, after reading the body as
+``read_capped`` does (413 past ``MAX_CONTROL_BODY``, never buffered beyond it; 408 past
+``CLIENT_READ_TIMEOUT``; ``Expect: 100-continue`` answered when the body is wanted); a
+registration's ``coordinator_url`` comes from the same :func:`coordinator.urls.public_url`.
+Any other request (other methods on those paths included) hands the connection, with the
+bytes already read, to aiohttp's own protocol.
 
 Limits of the hand-off: aiohttp keeps a connection it is given, so the front door adds
 ``Connection: close`` to the handed-over request (when its request line is in the bytes read):
@@ -63,6 +69,7 @@ from coordinator.upstream import (
     header_pairs,
     host_header,
 )
+from coordinator.urls import public_url, request_host
 
 if TYPE_CHECKING:
     from coordinator.app import Coordinator
@@ -77,8 +84,10 @@ _SERVICE = b"/service/"
 _SERVICE_LINES = tuple(
     m + b" " + _SERVICE for m in (b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD", b"OPTIONS")
 )
-_HEARTBEAT = b"/api/worker/heartbeat"  # POST only, with or without a query (as aiohttp routes it)
-_HEARTBEAT_Q = _HEARTBEAT + b"?"
+# Control-plane paths served here: POST only, with or without a query (as aiohttp routes them).
+_HEARTBEAT = b"/api/worker/heartbeat"
+_REGISTER = b"/api/worker/register"
+_PATH_END = (b" ", b"?")
 _CLOSE = b"Connection: close\r\n"
 _MAX_LINE = 8190  # aiohttp's default request-line limit
 _MAX_FIELD = 16_384  # the app's max_field_size
@@ -110,6 +119,9 @@ _REQUEST_ID_B = REQUEST_ID_HEADER.encode()
 _GATEWAY_KEY_B = GATEWAY_KEY_HEADER.encode()
 _NO_BODY_STATUS = frozenset({204, 304})
 
+
+#: A control-plane answer from the read body: status, JSON body, extra headers.
+_ControlAnswer = Callable[["FrontProtocol", "_Request", bytes], tuple[int, bytes, dict[str, str]]]
 
 _STATUS_LINES: dict[int, bytes] = {}
 _RELAYED: dict[bytes, _Relayed] = {}
@@ -212,7 +224,8 @@ def _worker_head(worker: WorkerRecord) -> bytes:
 def route_of(head: bytes) -> bool | None:
     """Whether the front door serves a request starting with ``head`` (None: need more bytes).
 
-    It serves ``/service/...`` (any method) and ``POST /api/worker/heartbeat``.
+    It serves ``/service/...`` (any method), ``POST /api/worker/heartbeat`` and
+    ``POST /api/worker/register``.
     """
     head = head.lstrip(b"\r\n")
     end = head.find(b"\r\n")
@@ -227,14 +240,30 @@ def route_of(head: bytes) -> bool | None:
         return None
     if line[:space] != b"POST":
         return False
-    target = line[space + 1 : space + 2 + len(_HEARTBEAT)]
-    if len(target) <= len(_HEARTBEAT):
-        return None if end < 0 and _HEARTBEAT.startswith(target) else False
-    return target.startswith(_HEARTBEAT) and target[-1:] in (b" ", b"?")
+    more = False
+    for path, _ in _CONTROL:
+        target = line[space + 1 : space + 2 + len(path)]  # the path and the byte after it
+        if len(target) > len(path):
+            if target[-1:] in _PATH_END and target.startswith(path):
+                return True
+        elif end < 0 and path.startswith(target):
+            more = True
+    return None if more else False
 
 
-def _is_heartbeat(method: bytes, target: bytes) -> bool:
-    return method == b"POST" and (target == _HEARTBEAT or target.startswith(_HEARTBEAT_Q))
+def _control_of(method: bytes, target: bytes) -> _ControlAnswer | None:
+    """The answer of a control-plane request served here, or None for any other request."""
+    if method != b"POST":
+        return None
+    for path, answer in _CONTROL:
+        if target.startswith(path) and target[len(path) : len(path) + 1] in (b"", b"?"):
+            return answer
+    return None
+
+
+def _may_be_control(url: bytes) -> bool:
+    """Whether ``url``, perhaps the start of a request target, may be a control-plane path."""
+    return any(url.startswith(path) or path.startswith(url) for path, _ in _CONTROL)
 
 
 def _close_after_one(data: bytes) -> bytes:
@@ -278,7 +307,7 @@ class _Request:
     chunked = False
     content_type = ""
     expect = False  # Expect: 100-continue, not yet answered
-    heartbeat = False
+    control: _ControlAnswer | None = None  # a control-plane request's answer
     fast = False  # answered from callbacks once the message is complete
     limit: int | None = None  # body bytes accepted; past it, `over` and the rest dropped
     over = False
@@ -661,12 +690,7 @@ class FrontProtocol(asyncio.Protocol):
         if len(self._url) > _MAX_LINE:
             raise _HeadTooLarge
         url = self._url
-        if (
-            len(url) >= len(_SERVICE)
-            and not url.startswith(_SERVICE)
-            and not url.startswith(_HEARTBEAT)
-            and not _HEARTBEAT.startswith(url)
-        ):
+        if len(url) >= len(_SERVICE) and not url.startswith(_SERVICE) and not _may_be_control(url):
             raise _Divert
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -682,9 +706,11 @@ class FrontProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self.parser
         method = parser.get_method()
-        heartbeat = _is_heartbeat(method, self._url)
-        if not heartbeat and not self._url.startswith(_SERVICE):
-            raise _Divert
+        control = None
+        if not self._url.startswith(_SERVICE):
+            control = _control_of(method, self._url)
+            if control is None:
+                raise _Divert
         req = _Request(
             self,
             method.decode("ascii", "replace"),
@@ -693,13 +719,13 @@ class FrontProtocol(asyncio.Protocol):
             parser.should_keep_alive(),
             parser.get_http_version() == "1.1",
         )
-        if heartbeat:
-            req.heartbeat = True
+        if control is not None:
+            req.control = control
             req.limit = self.front.coordinator.settings.max_control_body
         self.parsing = req
         if self.task is not None or self.fast is not None:  # busy
             self.queue.append(req)
-        elif not heartbeat and not req.chunked and not req.content_length:  # no body
+        elif control is None and not req.chunked and not req.content_length:  # no body
             req.fast = True  # answered from callbacks once the message is complete
             self.fast = _PENDING
         else:
@@ -941,8 +967,8 @@ class FrontProtocol(asyncio.Protocol):
         return pool, self._request_headers(req, request_id), request_id
 
     async def _answer(self, req: _Request) -> None:
-        if req.heartbeat:
-            await self._heartbeat(req)
+        if req.control is not None:
+            await self._control(req, req.control)
             return
         checked = self._check(req)
         if checked is None:
@@ -1234,8 +1260,8 @@ class FrontProtocol(asyncio.Protocol):
         if nxt is not None:
             self._spawn(nxt)
 
-    async def _heartbeat(self, req: _Request) -> None:
-        """``POST /api/worker/heartbeat``: read the body as ``read_capped`` does, then answer."""
+    async def _control(self, req: _Request, answer: _ControlAnswer) -> None:
+        """A control-plane request: read the body as ``read_capped`` does, then ``answer``."""
         coord = self.front.coordinator
         limit = coord.settings.max_control_body
         limit_s = coord.settings.client_read_timeout
@@ -1261,10 +1287,22 @@ class FrontProtocol(asyncio.Protocol):
         if req.over:
             self._reply(req, 413, error_body("body_too_large", f"at most {limit} bytes"))
             return
-        status, payload, headers = coord.answer_heartbeat(
-            b"".join(parts), req.header(b"authorization", "utf-8")
-        )
+        status, payload, headers = answer(self, req, b"".join(parts))
         self._reply(req, status, payload, headers)
+
+    def coordinator_url(self, req: _Request) -> str:
+        """The coordinator's URL as ``req`` shows it, as the aiohttp routes compute it."""
+        transport = self.transport
+        sslcontext = sockname = None
+        if transport is not None:
+            sslcontext = transport.get_extra_info("sslcontext")
+            sockname = transport.get_extra_info("sockname")
+        return public_url(
+            self.front.coordinator.settings.coordinator_public_url,
+            scheme="https" if sslcontext else "http",
+            forwarded_proto=req.header(b"x-forwarded-proto", "utf-8"),
+            host=request_host(req.header(b"host", "utf-8"), sockname),
+        )
 
     def _reply(
         self, req: _Request, status: int, payload: bytes, headers: dict[str, str] | None = None
@@ -1510,6 +1548,27 @@ class FrontProtocol(asyncio.Protocol):
 
 class _Unreachable(Exception):
     """The worker could not be reached before any request byte was sent."""
+
+
+def _answer_heartbeat(
+    conn: FrontProtocol, req: _Request, body: bytes
+) -> tuple[int, bytes, dict[str, str]]:
+    return conn.front.coordinator.answer_heartbeat(body, req.header(b"authorization", "utf-8"))
+
+
+def _answer_register(
+    conn: FrontProtocol, req: _Request, body: bytes
+) -> tuple[int, bytes, dict[str, str]]:
+    return conn.front.coordinator.answer_register(
+        body, req.header(b"authorization", "utf-8"), conn.coordinator_url(req)
+    )
+
+
+#: The control-plane requests served here (POST), by path: the answer once the body is read.
+_CONTROL: tuple[tuple[bytes, _ControlAnswer], ...] = (
+    (_HEARTBEAT, _answer_heartbeat),
+    (_REGISTER, _answer_register),
+)
 
 
 def _json_response(

@@ -3,6 +3,8 @@
 A tunnel URL is an origin (scheme + host, no path, query, credentials or port) served over
 https from a host under an allowed suffix. ``http://127.0.0.1:<port>`` (and ``localhost``,
 ``[::1]``) is accepted only when loopback is explicitly allowed, for local development.
+
+Also here: the coordinator's own public URL as a request shows it (:func:`public_url`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from urllib.parse import urlsplit
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+_HOST = re.compile(r"^[A-Za-z0-9.\-\[\]:]{1,260}$")
 
 
 class InvalidTunnelURL(ValueError):
@@ -88,3 +91,38 @@ def origin_key(url: str) -> tuple[str, str, int]:
     parts = urlsplit(url)
     scheme = parts.scheme
     return scheme, parts.hostname or "", parts.port or (443 if scheme == "https" else 80)
+
+
+def public_url(
+    configured: str | None, *, scheme: str, forwarded_proto: str | None, host: str
+) -> str:
+    """The coordinator's URL as a worker should use it, from one request's header values.
+
+    ``configured`` (``COORDINATOR_PUBLIC_URL``) wins. Otherwise: ``X-Forwarded-Proto`` when it
+    is http or https, else the connection's ``scheme``; ``host`` (see :func:`request_host`)
+    when it looks like a host, else ``127.0.0.1``. The aiohttp routes and the front door
+    (:mod:`coordinator.frontdoor`) both answer registrations with it.
+    """
+    if configured:
+        return configured.rstrip("/")
+    proto = scheme if forwarded_proto is None else forwarded_proto.lower()
+    if proto not in ("http", "https"):
+        proto = scheme
+    if not _HOST.match(host):
+        host = "127.0.0.1"
+    return f"{proto}://{host}"
+
+
+def request_host(host_header: str | None, sockname: object) -> str:
+    """The request's host as aiohttp's ``Request.host`` gives it (aiohttp 3.14).
+
+    The first ``Host`` header; without one, the address of the socket the request arrived on
+    (an IPv6 one in brackets), or ``""``.
+    """
+    if host_header is not None:
+        return host_header
+    if sockname is None:
+        return ""
+    if isinstance(sockname, tuple):
+        return f"[{sockname[0]}]" if len(sockname) == 4 else str(sockname[0])
+    return str(sockname)

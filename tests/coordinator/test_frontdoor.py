@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from coordinator.frontdoor import FrontServer, front_server, route_of
-from tests.conftest import BackendFactory, Fed
+from tests.conftest import GATEWAY_KEY, BackendFactory, Fed
 
 
 def _front(fed: Fed) -> FrontServer:
@@ -68,7 +68,18 @@ def _get(path: str, extra: str = "") -> bytes:
         (b"POST /api/worker/heartbeatx HTTP/1.1\r\n", False),
         (b"POST /api/worker/heartbeat/ HTTP/1.1\r\n", False),
         (b"GET /api/worker/heartbeat HTTP/1.1\r\n", False),
-        (b"POST /api/worker/register HTTP/1.1\r\n", False),
+        (b"POST /api/worker/register HTTP/1.1\r\n", True),
+        (b"POST /api/worker/register?x=1 HTTP/1.1\r\n", True),
+        (b"POST /api/worker/", None),
+        (b"POST /api/worker/reg", None),
+        (b"POST /api/worker/register", None),
+        (b"POST /api/worker/registerx HTTP/1.1\r\n", False),
+        (b"POST /api/worker/register/ HTTP/1.1\r\n", False),
+        (b"POST /api/worker/registe HTTP/1.1\r\n", False),
+        (b"POST /api/worker/regX", False),
+        (b"GET /api/worker/register HTTP/1.1\r\n", False),
+        (b"PUT /api/worker/register HTTP/1.1\r\n", False),
+        (b"POST /api/worker/w-1 HTTP/1.1\r\n", False),
     ],
 )
 def test_route_of(head: bytes, expected: bool | None) -> None:
@@ -292,12 +303,20 @@ async def test_idle_keep_alive_connections_close(
 
 _NATIVE = "/api/worker/heartbeat"
 _VIA_AIOHTTP = "/api/worker/%68eartbeat"  # the same route for aiohttp's router; not ours
+_CONTROL_PATHS = [b"/api/worker/heartbeat", b"/api/worker/register"]
 
 
-def _post(path: str, body: bytes, extra: bytes = b"") -> bytes:
+def _post(path: str, body: bytes, extra: bytes = b"", host: bytes | None = b"coord.test") -> bytes:
+    host_line = b"" if host is None else b"Host: %b\r\n" % host
     return (
-        b"POST %b HTTP/1.1\r\nHost: coord.test\r\nContent-Type: application/json\r\n"
-        b"%bContent-Length: %d\r\n\r\n%b" % (path.encode(), extra, len(body), body)
+        b"POST %b HTTP/1.1\r\n%bContent-Type: application/json\r\n%bContent-Length: %d\r\n\r\n%b"
+        % (
+            path.encode(),
+            host_line,
+            extra,
+            len(body),
+            body,
+        )
     )
 
 
@@ -407,17 +426,19 @@ async def test_heartbeat_keeps_the_connection_and_counts(
     assert fed.coordinator.registry.get("alpha") is not None
 
 
-async def test_slow_heartbeat_body_is_408(
-    fed_factory: Any, backend_factory: BackendFactory
+@pytest.mark.parametrize("path", _CONTROL_PATHS)
+async def test_slow_control_body_is_408(
+    fed_factory: Any, backend_factory: BackendFactory, path: bytes
 ) -> None:
     fed = await fed_factory(client_read_timeout=0.5)
     backend = await backend_factory()
     reply = await fed.register(backend.url, worker_id="alpha")
+    served = _front(fed).served
     reader, writer = await _open(fed)
     try:
         writer.write(
-            b"POST /api/worker/heartbeat HTTP/1.1\r\nHost: a\r\nContent-Length: 200\r\n"
-            b'%b\r\n{"worker_id": ' % _auth(reply["worker_token"])
+            b"POST %b HTTP/1.1\r\nHost: a\r\nContent-Length: 200\r\n"
+            b'%b\r\n{"worker_id": ' % (path, _auth(reply["worker_token"]))
         )
         status, headers, body = await _response(reader)  # the body never completes
         assert status == 408
@@ -426,15 +447,20 @@ async def test_slow_heartbeat_body_is_408(
         assert await asyncio.wait_for(reader.read(), 5) == b""
     finally:
         writer.close()
+    assert _front(fed).served == served + 1
+    assert len(fed.coordinator.registry) == 1
 
 
+@pytest.mark.parametrize("path", _CONTROL_PATHS)
 @pytest.mark.parametrize("framing", ["content-length", "chunked", "expect-continue"])
-async def test_oversized_heartbeat_is_413_without_reading_it_all(fed: Fed, framing: str) -> None:
+async def test_oversized_control_body_is_413_without_reading_it_all(
+    fed: Fed, framing: str, path: bytes
+) -> None:
     served = _front(fed).served
     limit = fed.coordinator.settings.max_control_body
     reader, writer = await _open(fed)
     try:
-        head = b"POST /api/worker/heartbeat HTTP/1.1\r\nHost: a\r\n"
+        head = b"POST %b HTTP/1.1\r\nHost: a\r\n" % path
         if framing == "chunked":
             part = b"x" * (limit + 1)
             # More than the cap, and the body never ends: the answer cannot wait for it.
@@ -510,3 +536,292 @@ async def test_pooled_connection_the_worker_closed_is_retried_fresh(
     assert (await resp.json())["tail"] == "again"
     assert [r["tail"] for r in backend.seen] == ["warm", "again"]
     assert fed.coordinator.proxy.in_flight == 0
+
+
+# ---------------------------------------------------------------- registrations at the front door
+
+_REGISTER = "/api/worker/register"
+_REGISTER_VIA_AIOHTTP = "/api/worker/%72egister"  # the same route for aiohttp's router; not ours
+_SHOWN = ("content-type", "www-authenticate", "retry-after")
+
+Answer = tuple[int, dict[str, Any], dict[str, str]]
+
+
+def _register_body(tunnel_url: str, **extra: Any) -> bytes:
+    body = {
+        "worker_type": "cpu",
+        "tunnel_url": tunnel_url,
+        "gateway_key": GATEWAY_KEY,
+        "services": [{"name": "echo"}],
+        **extra,
+    }
+    return json.dumps(body).encode()
+
+
+async def _register_both_ways(
+    fed: Fed, body: bytes, extra: bytes = b"", host: bytes | None = b"coord.test"
+) -> list[Answer]:
+    """The answers of aiohttp's route, then of the front door (without and with a query)."""
+    front = _front(fed)
+    answers = []
+    for path, ours in ((_REGISTER_VIA_AIOHTTP, 0), (_REGISTER, 1), (_REGISTER + "?from=test", 1)):
+        served = front.served
+        request = _post(path, body, extra, host)
+        if host is None:  # aiohttp refuses an HTTP/1.1 request without Host (400, not JSON)
+            request = request.replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+        status, headers, payload = await _exchange(fed, request)
+        assert front.served == served + ours, path  # who answered
+        shown = {k: headers[k] for k in _SHOWN if k in headers}
+        answers.append((status, json.loads(payload), shown))
+    return answers
+
+
+async def _metric(fed: Fed, prefix: str) -> float:
+    text = await (await fed.client.get("/metrics")).text()
+    return next((float(x.split()[-1]) for x in text.splitlines() if x.startswith(prefix)), 0.0)
+
+
+_REFUSED: dict[str, bytes] = {
+    "broken_json": b"{not json",
+    "empty": b"",
+    "not_an_object": b"[]",
+    "invalid_utf8": b"\xc3\x28\xa0\xa1",
+    "deep_nesting": b"[" * 30_000 + b"]" * 30_000,
+    "missing_field": b'{"worker_type": "cpu"}',
+    "extra_field": _register_body("http://127.0.0.1:9", evil=1),
+    "bad_worker_id": _register_body("http://127.0.0.1:9", worker_id="../x"),
+    "protocol_version": _register_body("http://127.0.0.1:9", protocol_version=99),
+    "metadata_tunnel_url": _register_body("http://169.254.169.254"),
+    "credentials_tunnel_url": _register_body("https://a@b.trycloudflare.com"),
+    "path_tunnel_url": _register_body("http://127.0.0.1:9/x"),
+    "someone_elses_id": _register_body("http://127.0.0.1:9", worker_id="alpha"),
+    "wrong_token": _register_body("http://127.0.0.1:9", worker_id="alpha", worker_token="y" * 43),
+    "too_large": _register_body("http://127.0.0.1:9", padding="x" * 70_000),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_REFUSED))
+async def test_refused_registration_answers_as_aiohttp_does(
+    fed: Fed, backend_factory: BackendFactory, case: str
+) -> None:
+    backend = await backend_factory()
+    await fed.register(backend.url, worker_id="alpha")
+    answers = await _register_both_ways(fed, _REFUSED[case])
+    assert answers[1] == answers[0]
+    assert answers[2] == answers[0]
+    status, body, headers = answers[0]
+    assert 400 <= status < 500
+    assert body["hop"] == "coordinator"
+    assert headers["content-type"] == "application/json"
+    assert [view.worker_id for view in fed.coordinator.registry.views()] == ["alpha"]
+    record = fed.coordinator.registry.get("alpha")
+    assert record is not None
+    assert record.tunnel_url == backend.url  # not moved
+
+
+async def test_accepted_registration_answers_as_aiohttp_does(
+    fed: Fed, backend_factory: BackendFactory
+) -> None:
+    backend = await backend_factory()
+    answers = await _register_both_ways(fed, _register_body(backend.url))
+    assert len({body["worker_id"] for _, body, _ in answers}) == 3
+    assert len(fed.coordinator.registry) == 3
+    secret = ("worker_id", "worker_token")
+    same = [(s, {k: v for k, v in b.items() if k not in secret}, h) for s, b, h in answers]
+    assert same[0][0] == 200
+    assert same[0][1]["coordinator_url"] == "http://coord.test"
+    assert same[1] == same[0]
+    assert same[2] == same[0]
+    # Again with the worker's token, each way: the same worker, id and token kept.
+    first = answers[1][1]
+    again = _register_body(
+        backend.url, worker_id=first["worker_id"], worker_token=first["worker_token"]
+    )
+    for status, body, _ in await _register_both_ways(fed, again):
+        assert status == 200
+        assert (body["worker_id"], body["worker_token"]) == (
+            first["worker_id"],
+            first["worker_token"],
+        )
+    assert len(fed.coordinator.registry) == 3
+    assert await _metric(fed, 'rma_registrations_total{outcome="new"}') == 3
+    assert await _metric(fed, 'rma_registrations_total{outcome="replaced"}') == 3
+
+
+async def test_registrations_keep_the_connection(fed: Fed, backend_factory: BackendFactory) -> None:
+    old, new = await backend_factory("old"), await backend_factory("new")
+    front = _front(fed)
+    served = front.served
+    reader, writer = await _open(fed)
+    try:
+        writer.write(_post(_REGISTER, _register_body(old.url, worker_id="alpha")))
+        status, headers, payload = await _response(reader)
+        assert status == 200
+        assert "connection" not in headers
+        reply = json.loads(payload)
+        assert reply["worker_id"] == "alpha"
+        writer.write(_get("/service/echo/x"))
+        assert json.loads((await _response(reader))[2])["backend"] == "old"
+        # With the worker's token it moves to a new address (chunked, Expect: 100-continue).
+        body = _register_body(new.url, worker_id="alpha", worker_token=reply["worker_token"])
+        writer.write(
+            b"POST /api/worker/register HTTP/1.1\r\nHost: coord.test\r\n"
+            b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+        )
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim.startswith(b"HTTP/1.1 100")
+        half = len(body) // 2
+        for part in (body[:half], body[half:]):
+            writer.write(b"%x\r\n%b\r\n" % (len(part), part))
+        writer.write(b"0\r\n\r\n")
+        status, headers, payload = await _response(reader)
+        assert status == 200
+        assert "connection" not in headers
+        again = json.loads(payload)
+        assert (again["worker_id"], again["worker_token"]) == ("alpha", reply["worker_token"])
+        writer.write(_get("/service/echo/y"))
+        assert json.loads((await _response(reader))[2])["backend"] == "new"
+        writer.write(_post(_NATIVE, b'{"worker_id": "alpha"}', _auth(reply["worker_token"])))
+        status, headers, _ = await _response(reader)
+        assert status == 200
+        assert "connection" not in headers
+    finally:
+        writer.close()
+    assert front.served == served + 5
+    assert len(fed.coordinator.registry) == 1
+    assert await _metric(fed, 'rma_registrations_total{outcome="new"}') == 1
+    assert await _metric(fed, 'rma_registrations_total{outcome="replaced"}') == 1
+
+
+async def test_pipelined_registrations(fed: Fed, backend_factory: BackendFactory) -> None:
+    backend = await backend_factory()
+    reply = await fed.register(backend.url, worker_id="alpha")
+    front = _front(fed)
+    served = front.served
+    reader, writer = await _open(fed)
+    try:
+        writer.write(  # one packet
+            _post(_REGISTER, _register_body(backend.url, worker_id="p1"))
+            + _post(_REGISTER + "?x=1", _register_body(backend.url, worker_id="p2"))
+            + _post(_NATIVE, b'{"worker_id": "alpha"}', _auth(reply["worker_token"]))
+            + _get("/service/echo/after")
+        )
+        answers = [await _response(reader) for _ in range(4)]
+        assert [status for status, _, _ in answers] == [200] * 4
+        assert all("connection" not in headers for _, headers, _ in answers)
+        ids = [json.loads(payload)["worker_id"] for _, _, payload in answers[:3]]
+        assert ids == ["p1", "p2", "alpha"]
+        assert json.loads(answers[3][2])["tail"] == "after"
+        # Behind a slow proxied request, in a later packet: queued, then answered here.
+        writer.write(_get("/service/echo/slow?s=0.2"))
+        await asyncio.sleep(0.05)
+        writer.write(_post(_REGISTER, _register_body(backend.url, worker_id="p3")))
+        assert json.loads((await _response(reader))[2])["tail"] == "slow"
+        status, headers, payload = await _response(reader)
+        assert (status, json.loads(payload)["worker_id"]) == (200, "p3")
+        assert "connection" not in headers
+        # Another method on the path is aiohttp's (405), which then closes the connection.
+        writer.write(_get(_REGISTER))
+        status, headers, payload = await _response(reader)
+        assert (status, json.loads(payload)["error"]) == (405, "method_not_allowed")
+        assert headers["connection"] == "close"
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
+    assert front.served == served + 6
+    assert {"alpha", "p1", "p2", "p3"} == {v.worker_id for v in fed.coordinator.registry.views()}
+
+
+async def test_join_token_at_the_front_door(
+    fed_factory: Any, backend_factory: BackendFactory
+) -> None:
+    join = "join-secret-0123456789"
+    fed = await fed_factory(worker_join_token=join)
+    backend = await backend_factory()
+    body = _register_body(backend.url)
+    for line in (
+        b"",
+        _auth("wrong"),
+        _auth(join[:-1]),
+        b"Authorization: Basic eDp5\r\n",
+        b"Authorization: Bearer \xff\xfe\xfd\r\n",
+    ):
+        answers = await _register_both_ways(fed, body, line)
+        assert answers[0][0] == 401
+        assert answers[0][1]["error"] == "unauthorized"
+        assert answers[0][2]["www-authenticate"] == "Bearer"
+        assert answers[1] == answers[0]
+        assert answers[2] == answers[0]
+    assert len(fed.coordinator.registry) == 0
+    answers = await _register_both_ways(fed, body, _auth(join))
+    assert [status for status, _, _ in answers] == [200] * 3
+    assert len(fed.coordinator.registry) == 3
+    assert await _metric(fed, 'rma_registrations_total{outcome="unauthorized"}') == 15
+
+
+async def test_registration_rate_limit_at_the_front_door(
+    fed_factory: Any, backend_factory: BackendFactory
+) -> None:
+    fed = await fed_factory(register_rate_limit=0.01)  # one now, the next in 100 s
+    backend = await backend_factory()
+    reader, writer = await _open(fed)
+    try:
+        answers = []
+        for _ in range(3):
+            writer.write(_post(_REGISTER, _register_body(backend.url)))
+            answers.append(await _response(reader))
+    finally:
+        writer.close()
+    assert [status for status, _, _ in answers] == [200, 503, 503]
+    _, headers, payload = answers[1]
+    assert headers["retry-after"] == str(fed.coordinator.settings.retry_after)
+    assert "connection" not in headers  # kept alive: the agent retries on it
+    assert json.loads(payload)["error"] == "register_busy"
+    status, aio_headers, aio_payload = await _exchange(
+        fed, _post(_REGISTER_VIA_AIOHTTP, _register_body(backend.url))
+    )
+    assert (status, aio_headers["retry-after"], aio_payload) == (
+        503,
+        headers["retry-after"],
+        payload,
+    )
+    assert len(fed.coordinator.registry) == 1
+    assert await _metric(fed, 'rma_registrations_total{outcome="shed"}') == 3
+
+
+@pytest.mark.parametrize(
+    ("host", "extra", "expected"),
+    [
+        (b"coord.test", b"", "http://coord.test"),
+        (b"coord.test:8443", b"X-Forwarded-Proto: https\r\n", "https://coord.test:8443"),
+        (b"coord.test", b"X-Forwarded-Proto: HTTPS\r\n", "https://coord.test"),
+        (b"coord.test", b"X-Forwarded-Proto: gopher\r\n", "http://coord.test"),
+        (b"coord.test", b"X-Forwarded-Proto: \r\n", "http://coord.test"),
+        (
+            b"coord.test",
+            b"X-Forwarded-Proto: http\r\nX-Forwarded-Proto: https\r\n",
+            "http://coord.test",
+        ),
+        (b"[::1]:8080", b"", "http://[::1]:8080"),
+        (b"evil.test/x?y", b"", "http://127.0.0.1"),
+        (b"\xff.test", b"", "http://127.0.0.1"),
+        (b"", b"", "http://127.0.0.1"),
+        (None, b"", "http://127.0.0.1"),  # no Host: the address the request arrived on
+    ],
+)
+async def test_coordinator_url_is_the_same_both_ways(
+    fed: Fed, backend_factory: BackendFactory, host: bytes | None, extra: bytes, expected: str
+) -> None:
+    backend = await backend_factory()
+    answers = await _register_both_ways(fed, _register_body(backend.url), extra, host)
+    assert [body["coordinator_url"] for _, body, _ in answers] == [expected] * 3
+
+
+async def test_configured_coordinator_url_wins_both_ways(
+    fed_factory: Any, backend_factory: BackendFactory
+) -> None:
+    fed = await fed_factory(coordinator_public_url="https://coord.example.org/")
+    backend = await backend_factory()
+    extra = b"X-Forwarded-Proto: http\r\n"
+    answers = await _register_both_ways(fed, _register_body(backend.url), extra, b"other.test")
+    assert [body["coordinator_url"] for _, body, _ in answers] == ["https://coord.example.org"] * 3

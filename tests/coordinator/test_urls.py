@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordinator.urls import InvalidTunnelURL, validate_tunnel_url
+from coordinator.urls import InvalidTunnelURL, public_url, request_host, validate_tunnel_url
 
 PROPS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -499,3 +499,43 @@ def test_ip_literals_are_always_rejected(address: Any) -> None:
     rejected(f"https://{shown}", [".trycloudflare.com", str(address)])
     if str(address) not in ("127.0.0.1", "::1"):
         rejected(f"http://{shown}:8000", loopback=True)
+
+
+# ---------------------------------------------------------------- the coordinator's public URL
+
+
+@pytest.mark.parametrize(
+    ("configured", "scheme", "proto", "host", "expected"),
+    [
+        (None, "http", None, "coord.test", "http://coord.test"),
+        ("", "http", None, "coord.test:8080", "http://coord.test:8080"),
+        ("https://c.example.org/", "http", "gopher", "evil/x", "https://c.example.org"),
+        (None, "http", "HTTPS", "coord.test", "https://coord.test"),
+        (None, "https", "gopher", "coord.test", "https://coord.test"),
+        (None, "https", "", "coord.test", "https://coord.test"),
+        (None, "http", None, "[::1]:8080", "http://[::1]:8080"),
+        (None, "http", None, "a b", "http://127.0.0.1"),
+        (None, "http", None, "a/b", "http://127.0.0.1"),
+        (None, "http", None, "", "http://127.0.0.1"),
+        (None, "http", None, "h" * 261, "http://127.0.0.1"),
+    ],
+)
+def test_public_url(
+    configured: str | None, scheme: str, proto: str | None, host: str, expected: str
+) -> None:
+    assert public_url(configured, scheme=scheme, forwarded_proto=proto, host=host) == expected
+
+
+@pytest.mark.parametrize(
+    ("header", "sockname", "expected"),
+    [
+        ("coord.test", ("10.0.0.1", 8080), "coord.test"),
+        ("", ("10.0.0.1", 8080), ""),
+        (None, ("10.0.0.1", 8080), "10.0.0.1"),
+        (None, ("::1", 8080, 0, 0), "[::1]"),
+        (None, "/run/coordinator.sock", "/run/coordinator.sock"),
+        (None, None, ""),
+    ],
+)
+def test_request_host_is_aiohttps(header: str | None, sockname: object, expected: str) -> None:
+    assert request_host(header, sockname) == expected

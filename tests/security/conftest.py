@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 
 from coordinator.app import COORDINATOR, Coordinator, create_app
+from coordinator.frontdoor import FrontRunner
 from tests.worker_agent.conftest import agent_settings, coordinator_settings
 from worker_agent.backends import Backends
 from worker_agent.gateway import Gateway
@@ -63,7 +64,8 @@ class Federation:
         return {w["worker_id"]: w for w in data["workers"]}
 
 
-async def start_federation(tmp_path: Path, **overrides: Any) -> Federation:
+async def start_federation(tmp_path: Path, *, front: bool = False, **overrides: Any) -> Federation:
+    """A federation on loopback; ``front``: behind the front door, as ``rma-coordinator`` serves."""
     settings = coordinator_settings(
         tmp_path,
         admin_token=ADMIN,
@@ -72,7 +74,8 @@ async def start_federation(tmp_path: Path, **overrides: Any) -> Federation:
         **overrides,
     )
     app = create_app(settings, coordinator_id="coord-sec")
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    runner_type = FrontRunner if front else web.AppRunner
+    runner = runner_type(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
@@ -100,21 +103,32 @@ async def stop_federation(fed: Federation) -> None:
     await fed.gateway.close()
 
 
+#: Both servers: aiohttp alone, and behind the front door (which serves some routes itself).
+SERVERS = pytest.fixture(params=["aiohttp", "front-door"])
+
+
+@SERVERS
+def front(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param == "front-door")
+
+
 @pytest.fixture
-async def fed(tmp_path: Path) -> AsyncIterator[Federation]:
-    federation = await start_federation(tmp_path)
+async def fed(tmp_path: Path, front: bool) -> AsyncIterator[Federation]:
+    federation = await start_federation(tmp_path, front=front)
     yield federation
     await stop_federation(federation)
 
 
 @pytest.fixture
-async def fed_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Federation]]]:
+async def fed_factory(
+    tmp_path: Path, front: bool
+) -> AsyncIterator[Callable[..., Awaitable[Federation]]]:
     made: list[Federation] = []
 
     async def factory(**overrides: Any) -> Federation:
         sub = tmp_path / f"fed{len(made)}"
         sub.mkdir()
-        federation = await start_federation(sub, **overrides)
+        federation = await start_federation(sub, front=front, **overrides)
         made.append(federation)
         return federation
 
