@@ -116,6 +116,9 @@ _NOTED_REQUEST = frozenset(
 _INTERNAL_B = INTERNAL_HEADER_PREFIX.encode()
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _REQUEST_ID_B = REQUEST_ID_HEADER.encode()
+#: The request headers the proxy sets itself (clients' copies are dropped), and as lines.
+_FORWARDED = (b"X-Forwarded-For", b"X-Forwarded-Proto", b"X-Forwarded-Host", _REQUEST_ID_B)
+_FORWARDED_LINES = b"".join(name + b": %s\r\n" for name in _FORWARDED)
 _GATEWAY_KEY_B = GATEWAY_KEY_HEADER.encode()
 _NO_BODY_STATUS = frozenset({204, 304})
 
@@ -426,7 +429,6 @@ class _Exchange:
     __slots__ = (
         "conn",
         "deadline",
-        "headers",
         "path",
         "pool",
         "req",
@@ -446,7 +448,6 @@ class _Exchange:
         service: str,
         pool: Pool,
         path: str,
-        headers: list[tuple[bytes, bytes]],
         request_id: str,
         started: float,
     ) -> None:
@@ -457,9 +458,8 @@ class _Exchange:
         self.service = service
         self.pool = pool
         self.path = path
-        self.headers = headers
         self.request_id = request_id
-        self.started = started  # time.perf_counter() when the request was sent
+        self.started = started  # time.monotonic() when the request was sent
         self.deadline = started + upstream_pool.read_timeout  # for the response head
 
 
@@ -490,7 +490,7 @@ class FrontServer:
 
     def _sweep(self, timeout: float) -> None:
         self.sweeper = None
-        now = time.perf_counter()  # exchanges' deadlines are on this clock
+        now = time.monotonic()  # exchanges' deadlines are on this clock
         waiting = False
         for conn in list(self.connections):
             ex = conn.fast
@@ -940,10 +940,8 @@ class FrontProtocol(asyncio.Protocol):
             _ROUTES[req.target] = route
         return route
 
-    def _plan(
-        self, req: _Request, service: str, model: str | None
-    ) -> tuple[Pool, list[tuple[bytes, bytes]], str] | None:
-        """``(pool, headers, request_id)``, or None once an error is answered."""
+    def _plan(self, req: _Request, service: str, model: str | None) -> tuple[Pool, str] | None:
+        """``(pool, request_id)``, or None once an error is answered."""
         registry = self.front.coordinator.registry
         pool = registry.pool(service, model)
         if pool is None and model is not None and registry.models(service):
@@ -964,7 +962,7 @@ class FrontProtocol(asyncio.Protocol):
             if presented is not None and REQUEST_ID_RE.match(presented)
             else _request_ids.next()
         )
-        return pool, self._request_headers(req, request_id), request_id
+        return pool, request_id
 
     async def _answer(self, req: _Request) -> None:
         if req.control is not None:
@@ -990,8 +988,9 @@ class FrontProtocol(asyncio.Protocol):
         plan = self._plan(req, service, model)
         if plan is None:
             return
-        pool, headers, request_id = plan
-        await self._attempts(req, service, pool, path, _str_headers(headers), body, request_id)
+        pool, request_id = plan
+        headers = self._request_headers(req, request_id)
+        await self._attempts(req, service, pool, path, headers, body, request_id)
 
     async def _attempts(
         self,
@@ -1075,13 +1074,14 @@ class FrontProtocol(asyncio.Protocol):
         if plan is None:
             self._after_fast(req)
             return
-        pool, headers, request_id = plan
+        pool, request_id = plan
         coord = self.front.coordinator
         upstream_pool = coord.proxy._pool
         slot = pool.pick(coord.registry.rng)
         conn = None
+        now = time.monotonic()
         if slot is not None and upstream_pool is not None:
-            conn = upstream_pool.take_idle(slot.worker.origin)
+            conn = upstream_pool.take_idle(slot.worker.origin, now)
         if slot is None or conn is None or conn.transport is None:
             self._spawn(
                 req,
@@ -1091,7 +1091,7 @@ class FrontProtocol(asyncio.Protocol):
                     service,
                     pool,
                     path,
-                    _str_headers(headers),
+                    self._request_headers(req, request_id),
                     None,
                     request_id,
                 ),
@@ -1103,11 +1103,13 @@ class FrontProtocol(asyncio.Protocol):
         worker_head = worker.proxy_head
         if worker_head is None:
             worker_head = worker.proxy_head = _worker_head(worker)
-        head = b"%s %s HTTP/1.1\r\n%s%s%s\r\n" % (
+        forward = req.forward
+        head = b"%s %s HTTP/1.1\r\n%s%s%s%s\r\n" % (
             method.encode(),
             path.encode(),
             worker_head,
-            b"".join([b"%s: %s\r\n" % kv for kv in headers]),
+            b"".join([b"%s: %s\r\n" % kv for kv in forward]) if forward else b"",
+            _FORWARDED_LINES % self._forwarded(req, request_id),
             b"Content-Length: 0\r\n" if method in _BODY_METHODS else b"",
         )
         coord.registry.acquire(slot)
@@ -1122,9 +1124,8 @@ class FrontProtocol(asyncio.Protocol):
             service,
             pool,
             path,
-            headers,
             request_id,
-            time.perf_counter(),
+            now,
         )
         self.fast = ex
         if self.front.sweeper is None:
@@ -1150,7 +1151,7 @@ class FrontProtocol(asyncio.Protocol):
             if isinstance(exc, Disconnected):
                 # A pooled connection the worker had closed: the task path tries again.
                 self._fast_end(ex, 0)
-                headers = _str_headers(ex.headers)
+                headers = self._request_headers(req, ex.request_id)
                 self._spawn(
                     req,
                     partial(
@@ -1197,7 +1198,8 @@ class FrontProtocol(asyncio.Protocol):
             self._after_fast(req)
             return
         status = conn.status
-        coord.metrics.observe_response(ex.service, time.perf_counter() - ex.started)
+        now = time.monotonic()
+        coord.metrics.observe_response(ex.service, now - ex.started)
         relayed = _relayed_headers(conn.head_block)
         if (
             conn.complete
@@ -1211,17 +1213,20 @@ class FrontProtocol(asyncio.Protocol):
             payload = conn.take() or b""
             close = b"Connection: close\r\n" if not req.keep_alive or self.close_after else b""
             self._write(
-                b"%b%bX-Request-Id: %b\r\nContent-Length: %d\r\n%b\r\n%b"
-                % (
-                    _status_line(status),
-                    relayed.lines,
-                    ex.request_id.encode("latin-1"),
-                    len(payload),
-                    close,
-                    payload,
+                b"".join(
+                    (
+                        _status_line(status),
+                        relayed.lines,
+                        b"X-Request-Id: ",
+                        ex.request_id.encode("latin-1"),
+                        b"\r\nContent-Length: %d\r\n" % len(payload),
+                        close,
+                        b"\r\n",
+                        payload,
+                    )
                 )
             )
-            ex.upstream_pool.reuse(worker.origin, conn)
+            ex.upstream_pool.reuse(worker.origin, conn, now)
             self._fast_end(ex, status)
             self._after_fast(req)
             return
@@ -1315,14 +1320,19 @@ class FrontProtocol(asyncio.Protocol):
             req.expect = False
             self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def _request_headers(self, req: _Request, request_id: str) -> list[tuple[bytes, bytes]]:
-        return [
-            *req.forward,
-            (b"X-Forwarded-For", req.client_ip or self.peer_b),
-            (b"X-Forwarded-Proto", b"https" if req.via_cloudflare else b"http"),
-            (b"X-Forwarded-Host", req.host or self.local_b),
-            (_REQUEST_ID_B, request_id.encode("latin-1")),
-        ]
+    def _forwarded(self, req: _Request, request_id: str) -> tuple[bytes, bytes, bytes, bytes]:
+        """The values of the headers the proxy sets (:data:`_FORWARDED`), in that order."""
+        return (
+            req.client_ip or self.peer_b,
+            b"https" if req.via_cloudflare else b"http",
+            req.host or self.local_b,
+            request_id.encode("latin-1"),
+        )
+
+    def _request_headers(self, req: _Request, request_id: str) -> list[tuple[str, str]]:
+        """The headers sent to a worker, besides Host, its gateway key and the body framing."""
+        headers = [*req.forward, *zip(_FORWARDED, self._forwarded(req, request_id), strict=True)]
+        return _str_headers(headers)
 
     async def _send(
         self,

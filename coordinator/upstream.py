@@ -360,14 +360,17 @@ class UpstreamPool:
         self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
 
-    def reuse(self, key: tuple[str, str, int], conn: _Connection) -> None:
-        """After an exchange: pool ``conn`` if its response was read whole and it stays open."""
+    def reuse(self, key: tuple[str, str, int], conn: _Connection, now: float | None = None) -> None:
+        """After an exchange: pool ``conn`` if its response was read whole and it stays open.
+
+        ``now`` is ``time.monotonic()`` if the caller has just read it.
+        """
         if conn.complete and conn.keep_alive and not conn.closed and conn.error is None:
-            self._put(key, conn)
+            self._put(key, conn, time.monotonic() if now is None else now)
         elif conn.transport is not None:
             conn.transport.close()
 
-    def _put(self, key: tuple[str, str, int], conn: _Connection) -> None:
+    def _put(self, key: tuple[str, str, int], conn: _Connection, now: float) -> None:
         idle = self._idle.get(key)
         if idle is None:
             idle = self._idle[key] = collections.deque()
@@ -375,15 +378,18 @@ class UpstreamPool:
             assert conn.transport is not None
             conn.transport.close()
             return
-        conn.idle_since = time.monotonic()
+        conn.idle_since = now
         idle.append(conn)
 
-    def take_idle(self, key: tuple[str, str, int]) -> _Connection | None:
-        """A live idle pooled connection to ``key`` (the most recently used), or ``None``."""
+    def take_idle(self, key: tuple[str, str, int], now: float | None = None) -> _Connection | None:
+        """A live idle pooled connection to ``key`` (the most recently used), or ``None``.
+
+        ``now`` is ``time.monotonic()`` if the caller has just read it.
+        """
         idle = self._idle.get(key)
         if not idle:
             return None
-        deadline = time.monotonic() - self.keepalive_timeout
+        deadline = (time.monotonic() if now is None else now) - self.keepalive_timeout
         while idle:
             conn = idle.pop()
             if not conn.closed and conn.idle_since > deadline:
