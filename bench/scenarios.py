@@ -376,12 +376,28 @@ def proxy(report: Report, procs: Procs, tmp: Path, opt: Options) -> None:
         server,
     )
     _guarded(report, ADDED, ADDED_TARGET, lambda: _latency(report, setup, opt), server)
+    _hotpath(report)
     # Streaming: move the worker to the SSE backend (re-registration with its token).
     wid, token = setup.worker
     sse_url = f"http://127.0.0.1:{setup.sse_port}"
     coord.register_one(setup.coordinator, sse_url, worker_id=wid, worker_token=token)
     _guarded(report, FIRST, FIRST_TARGET, lambda: _first_chunk_row(report, setup, opt), server)
     _guarded(report, GAPS, GAPS_TARGET, lambda: _gaps_rows(report, setup), server)
+
+
+def _hotpath(report: Report) -> None:
+    """The front door's Python time per request, without sockets (bench/hotpath.py)."""
+    log("proxy: the front door's hot path in-process (python -m bench.hotpath)")
+    result = _run_json(python_argv("-m", "bench.hotpath"), timeout=120)
+    report.add(
+        Row(
+            "front door hot path: Python time per proxied GET (in-process, no sockets)",
+            result["us_per_request"],
+            "us",
+            note="python -m bench.hotpath: parse, route, schedule, forward, relay, metrics; "
+            "best of 5 x 40,000, an event-loop turn per request subtracted",
+        )
+    )
 
 
 def _proxy_setup(report: Report, procs: Procs, tmp: Path) -> _ProxySetup:

@@ -17,6 +17,17 @@ registration's ``coordinator_url`` comes from the same :func:`coordinator.urls.p
 Any other request (other methods on those paths included) hands the connection, with the
 bytes already read, to aiohttp's own protocol.
 
+The hot path: a request without a body, to a worker with an idle pooled connection, is
+answered without a task, a future or an extra turn of the event loop. The request head is
+written from the parser's ``on_message_complete``; the pooled connection
+(:mod:`coordinator.upstream`) calls back from its ``data_received`` once the response head is
+parsed, and a small complete response is relayed from there, in one write. Everything per
+request is kept small: targets of catalog services are remembered, request headers are read
+in one pass, a worker's Host and gateway-key lines are made once, relayed response header
+sets are remembered by their bytes, and scheduling moves a slot between kept buckets. Every
+other case (a body, a streamed or large response, no idle connection, a retry) is served by a
+task with the same policy.
+
 Limits of the hand-off: aiohttp keeps a connection it is given, so the front door adds
 ``Connection: close`` to the handed-over request (when its request line is in the bytes read):
 aiohttp answers that one request, says ``Connection: close`` and closes, and the client's next
