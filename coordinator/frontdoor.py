@@ -327,8 +327,8 @@ class _Request:
     over = False
     request_id: str | None = None  # X-Request-Id as presented (checked before use)
     host: bytes | None = None
-    client_ip: bytes | None = None  # CF-Connecting-IP
-    via_cloudflare = False  # CF-Ray present: the client spoke HTTPS to the edge
+    client_ip: bytes | None = None  # the first CF-Connecting-IP, from a trusted peer only
+    via_cloudflare = False  # CF-Ray from a trusted peer: the client spoke HTTPS to the edge
 
     def __init__(
         self,
@@ -372,10 +372,11 @@ class _Request:
                 elif lower == b"host":
                     if self.host is None:
                         self.host = value
-                elif lower == b"cf-connecting-ip":
-                    self.client_ip = value
-                else:  # cf-ray
-                    self.via_cloudflare = True
+                elif owner.trusts_cloudflare:  # cf-connecting-ip or cf-ray
+                    if lower == b"cf-ray":
+                        self.via_cloudflare = True
+                    elif self.client_ip is None:  # the first, as aiohttp's headers.get()
+                        self.client_ip = value
             if lower in _DROPPED_REQUEST or lower.startswith(_INTERNAL_B):
                 continue
             forward.append((name, value))
@@ -554,6 +555,9 @@ class FrontServer:
 class FrontProtocol(asyncio.Protocol):
     """One client connection until it is handed to aiohttp (if ever)."""
 
+    #: Whether the peer is in TRUSTED_PROXIES: its CF-Connecting-IP and CF-Ray are believed.
+    trusts_cloudflare = False
+
     def __init__(self, front: FrontServer) -> None:
         self.front = front
         self.loop = front.loop
@@ -593,6 +597,7 @@ class FrontProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) else ""
         self.peer_b = self.peer.encode("latin-1")
+        self.trusts_cloudflare = self.front.coordinator.proxy.trusted_proxies.trusts(self.peer)
         sock = transport.get_extra_info("sockname")
         if isinstance(sock, tuple):
             self.local_b = f"{sock[0]}:{sock[1]}".encode("latin-1")

@@ -2,9 +2,10 @@
 
 Bodies stream both ways without buffering (JSON bodies up to ``MAX_MODEL_SNIFF_BODY`` are read
 once to route by their ``model``). Method, path and raw query string are kept, hop-by-hop
-headers dropped, ``X-Forwarded-*`` and ``X-Request-Id`` set, and the worker's gateway key added
-(any client copy of an ``X-RMA-*`` header is stripped). A connection failure before any byte
-went out is retried on another worker and counts a strike against the first.
+headers dropped, ``X-Forwarded-*`` and ``X-Request-Id`` set (``CF-Connecting-IP`` and ``CF-Ray``
+count only from a peer in ``TRUSTED_PROXIES``: :mod:`coordinator.forwarding`), and the worker's
+gateway key added (any client copy of an ``X-RMA-*`` header is stripped). A connection failure
+before any byte went out is retried on another worker and counts a strike against the first.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import structlog
 from aiohttp import web
 
 from coordinator.errors import json_error
+from coordinator.forwarding import TrustedProxies
 from coordinator.headers import REQUEST_ID_RE, drop_set, relayed_response_headers
 from coordinator.protocol import GATEWAY_KEY_HEADER, INTERNAL_HEADER_PREFIX, REQUEST_ID_HEADER
 from coordinator.upstream import (
@@ -87,6 +89,7 @@ class Proxy:
         self.settings = settings
         self.metrics = metrics
         self.in_flight = 0
+        self.trusted_proxies = TrustedProxies(settings.trusted_proxies)
         self._pool: UpstreamPool | None = None
 
     async def start(self) -> None:
@@ -205,11 +208,15 @@ class Proxy:
             and lower not in _REPLACED_REQUEST
             and not lower.startswith(INTERNAL_HEADER_PREFIX)
         ]
-        client = request.headers.get("CF-Connecting-IP") or request.remote or ""
+        remote = request.remote or ""
+        # As the front door does per connection (FrontProtocol.connection_made).
+        if self.trusted_proxies.trusts(remote):
+            client = request.headers.get("CF-Connecting-IP") or remote
+            proto = "https" if "CF-Ray" in request.headers else request.scheme
+        else:
+            client, proto = remote, request.scheme
         out.append(("X-Forwarded-For", client))
-        out.append(
-            ("X-Forwarded-Proto", "https" if "CF-Ray" in request.headers else request.scheme)
-        )
+        out.append(("X-Forwarded-Proto", proto))
         out.append(("X-Forwarded-Host", request.host))
         out.append((REQUEST_ID_HEADER, request_id))
         return out

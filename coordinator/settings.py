@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from coordinator.forwarding import DEFAULT_TRUSTED_PROXIES, Network, parse_networks
+
 
 def _split_csv(value: object) -> object:
     if isinstance(value, str):
@@ -103,6 +105,12 @@ class CoordinatorSettings(BaseSettings):
     )
     retry_after: int = Field(default=1, ge=1, description="Retry-After seconds on 503")
 
+    trusted_proxies: Annotated[tuple[Network, ...], NoDecode] = Field(
+        default_factory=lambda: parse_networks(DEFAULT_TRUSTED_PROXIES.split(",")),
+        description="Comma-separated IPs/CIDRs of the peers (cloudflared) whose CF-Connecting-IP "
+        "and CF-Ray are believed; from any other peer they are ignored (empty: trust nobody)",
+    )
+
     # Service catalog
     service_catalog_file: Path | None = Field(
         default=None, description="JSON file replacing the built-in service catalog"
@@ -119,6 +127,14 @@ class CoordinatorSettings(BaseSettings):
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> object:
+        value = _split_csv(value)
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return parse_networks(value)
+        return value
 
     @property
     def suspect_after_s(self) -> float:

@@ -102,6 +102,10 @@ def public_url(
     is http or https, else the connection's ``scheme``; ``host`` (see :func:`request_host`)
     when it looks like a host, else ``127.0.0.1``. The aiohttp routes and the front door
     (:mod:`coordinator.frontdoor`) both answer registrations with it.
+
+    ``X-Forwarded-Proto`` counts from any peer, not only from ``TRUSTED_PROXIES``
+    (:mod:`coordinator.forwarding`): like ``Host``, which every client chooses, it only shapes
+    the reply to the client that sent it, and is neither stored nor shown to anyone else.
     """
     if configured:
         return configured.rstrip("/")
