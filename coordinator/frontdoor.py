@@ -91,14 +91,15 @@ if TYPE_CHECKING:
 log = structlog.get_logger("coordinator.proxy")
 
 _SERVICE = b"/service/"
-#: Request line starts that are ours for certain (route_of decides every other start).
-_SERVICE_LINES = tuple(
-    m + b" " + _SERVICE for m in (b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD", b"OPTIONS")
-)
 # Control-plane paths served here: POST only, with or without a query (as aiohttp routes them).
 _HEARTBEAT = b"/api/worker/heartbeat"
 _REGISTER = b"/api/worker/register"
+_CONTROL_PATHS = (_HEARTBEAT, _REGISTER)
 _PATH_END = (b" ", b"?")
+#: Request line starts that are ours for certain (route_of decides every other start).
+_OUR_LINES = tuple(
+    m + b" " + _SERVICE for m in (b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD", b"OPTIONS")
+) + tuple(b"POST " + path + end for path in _CONTROL_PATHS for end in _PATH_END)
 _CLOSE = b"Connection: close\r\n"
 _MAX_LINE = 8190  # aiohttp's default request-line limit
 _MAX_FIELD = 16_384  # the app's max_field_size
@@ -269,15 +270,14 @@ def _control_of(method: bytes, target: bytes) -> _ControlAnswer | None:
     """The answer of a control-plane request served here, or None for any other request."""
     if method != b"POST":
         return None
-    for path, answer in _CONTROL:
-        if target.startswith(path) and target[len(path) : len(path) + 1] in (b"", b"?"):
-            return answer
-    return None
+    return _CONTROL_BY_PATH.get(target.partition(b"?")[0])
 
 
 def _may_be_control(url: bytes) -> bool:
     """Whether ``url``, perhaps the start of a request target, may be a control-plane path."""
-    return any(url.startswith(path) or path.startswith(url) for path, _ in _CONTROL)
+    if url.startswith(_CONTROL_PATHS):
+        return True
+    return any(path.startswith(url) for path in _CONTROL_PATHS)
 
 
 def _close_after_one(data: bytes) -> bytes:
@@ -638,7 +638,7 @@ class FrontProtocol(asyncio.Protocol):
             self._feed(data)
             return
         buf = self.pending + data if self.pending else data
-        ours = True if buf.startswith(_SERVICE_LINES) else route_of(buf)
+        ours = True if buf.startswith(_OUR_LINES) else route_of(buf)
         if ours is None:
             if len(buf) <= _MAX_LINE:
                 # Not busy yet: a connection that never completes its request line still
@@ -1595,6 +1595,7 @@ _CONTROL: tuple[tuple[bytes, _ControlAnswer], ...] = (
     (_HEARTBEAT, _answer_heartbeat),
     (_REGISTER, _answer_register),
 )
+_CONTROL_BY_PATH = dict(_CONTROL)
 
 
 def _json_response(
