@@ -1,4 +1,4 @@
-"""Python time per proxied request on the front door's fast path, without sockets.
+"""Python time per proxied request on the front door's fast path (and per heartbeat), no sockets.
 
 ``python -m bench.hotpath [--requests N]`` prints one JSON line. A real coordinator app (one
 registered worker) is driven in-process: a client connection's protocol and a pooled worker
@@ -6,7 +6,8 @@ connection get in-memory transports, and each request is the bytes wrk sends fol
 bytes an nginx backend answers. What is timed is everything the coordinator's Python does per
 request (parse, route, schedule, forward, relay, metrics) and none of the kernel's work, so
 this figure moves with the code and much less with a noisy machine than a wrk run does; the
-throughput benchmark (bench/scenarios.py) remains the figure that counts.
+throughput benchmark (bench/scenarios.py) remains the figure that counts. A heartbeat (the
+body the heartbeat benchmark sends, answered by a task, loop turns included) is timed too.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from aiohttp import ClientSession, web
 
-from bench.payloads import register_json
+from bench.payloads import heartbeat_json, register_json
 
 REQUEST = b"GET /service/echo/bench HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
 RESPONSE = (
@@ -87,6 +88,7 @@ async def measure(requests: int, rounds: int = 5) -> dict[str, float]:
                 )
                 if resp.status != 200:
                     raise RuntimeError(f"registration failed: {await resp.text()}")
+                reply = await resp.json()
             front = front_server(runner)
             pool = app[COORDINATOR].proxy._pool
             assert front is not None
@@ -120,10 +122,40 @@ async def measure(requests: int, rounds: int = 5) -> dict[str, float]:
 
             loop_turn = min([await idle(requests) for _ in range(rounds)])
             client.connection_lost(None)
+
+            # A heartbeat: its body is read by a task, so the loop turns until it is answered.
+            body = heartbeat_json(reply["worker_id"])
+            beat = b"".join(
+                (
+                    b"POST /api/worker/heartbeat HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n",
+                    b"Content-Type: application/json\r\n",
+                    b"Authorization: Bearer %s\r\n" % reply["worker_token"].encode(),
+                    b"Content-Length: %d\r\n\r\n" % len(body),
+                    body,
+                )
+            )
+            worker = front()
+            worker_transport = MemoryTransport()
+            worker.connection_made(worker_transport)  # type: ignore[arg-type]
+
+            async def beats(n: int) -> float:
+                started = time.perf_counter()
+                for _ in range(n):
+                    worker.data_received(beat)
+                    while worker.task is not None:
+                        await asyncio.sleep(0)
+                return time.perf_counter() - started
+
+            await beats(500)
+            if not worker_transport.last.startswith(b"HTTP/1.1 200 "):
+                raise RuntimeError(f"unexpected answer: {worker_transport.last[:300]!r}")
+            beat_best = min([await beats(requests // 2) for _ in range(rounds)])
+            worker.connection_lost(None)
         finally:
             await runner.cleanup()
     return {
         "us_per_request": (best - loop_turn) / requests * 1e6,
+        "us_per_heartbeat": beat_best / (requests // 2) * 1e6,
         "loop_turn_us": loop_turn / requests * 1e6,
     }
 

@@ -398,6 +398,15 @@ def _hotpath(report: Report) -> None:
             "best of 5 x 40,000, an event-loop turn per request subtracted",
         )
     )
+    report.add(
+        Row(
+            "front door hot path: Python time per heartbeat (in-process, no sockets)",
+            result["us_per_heartbeat"],
+            "us",
+            note="python -m bench.hotpath: parse, read the body in a task, authenticate, "
+            "update the registry, answer; loop turns included",
+        )
+    )
 
 
 def _proxy_setup(report: Report, procs: Procs, tmp: Path) -> _ProxySetup:
