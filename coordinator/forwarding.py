@@ -4,7 +4,8 @@ Behind cloudflared, Cloudflare's edge overwrites both headers, so the client add
 scheme they give are the real ones. Anyone who reaches the coordinator's port directly could
 send them too, so they are honoured only on connections from a trusted peer (cloudflared: a
 loopback or compose-network address). From any other peer ``X-Forwarded-For`` is the peer
-address and ``X-Forwarded-Proto`` the connection's own scheme. The front door
+address and ``X-Forwarded-Proto`` the connection's own scheme, and the forged headers are not
+passed on to the worker (one that reads them is not fooled either). The front door
 (:mod:`coordinator.frontdoor`) decides once per connection, the aiohttp proxy
 (:mod:`coordinator.proxy`) once per request; both ask :meth:`TrustedProxies.trusts`.
 """
@@ -19,6 +20,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: Loopback (cloudflared on the same host, the embedded edge coordinator) and Docker's default
 #: bridge address pool (cloudflared as a service of edge-coordinator.yml's compose network).
 DEFAULT_TRUSTED_PROXIES = "127.0.0.0/8,::1/128,172.16.0.0/12"
+
+#: The headers only a trusted peer's are believed and passed on (lower case).
+CLOUDFLARE_HEADERS = frozenset({"cf-connecting-ip", "cf-ray"})
 
 _MEMO_SIZE = 1024  # peers remembered; a busy coordinator sees few distinct ones
 

@@ -377,6 +377,8 @@ class _Request:
                         self.via_cloudflare = True
                     elif self.client_ip is None:  # the first, as aiohttp's headers.get()
                         self.client_ip = value
+                else:
+                    continue  # forged by an untrusted peer: neither believed nor passed on
             if lower in _DROPPED_REQUEST or lower.startswith(_INTERNAL_B):
                 continue
             forward.append((name, value))

@@ -22,7 +22,7 @@ import structlog
 from aiohttp import web
 
 from coordinator.errors import json_error
-from coordinator.forwarding import TrustedProxies
+from coordinator.forwarding import CLOUDFLARE_HEADERS, TrustedProxies
 from coordinator.headers import REQUEST_ID_RE, drop_set, relayed_response_headers
 from coordinator.protocol import GATEWAY_KEY_HEADER, INTERNAL_HEADER_PREFIX, REQUEST_ID_HEADER
 from coordinator.upstream import (
@@ -200,7 +200,12 @@ class Proxy:
         return json_error(status, code, detail, worker_id=worker.worker_id, request_id=request_id)
 
     def _request_headers(self, request: web.Request, request_id: str) -> list[tuple[str, str]]:
+        remote = request.remote or ""
+        # As the front door does per connection (FrontProtocol.connection_made).
+        trusted = self.trusted_proxies.trusts(remote)
         drop = drop_set(request.headers)
+        if not trusted:
+            drop |= CLOUDFLARE_HEADERS  # forged: neither believed nor passed on
         out = [
             (key, value)
             for key, value in request.headers.items()
@@ -208,9 +213,7 @@ class Proxy:
             and lower not in _REPLACED_REQUEST
             and not lower.startswith(INTERNAL_HEADER_PREFIX)
         ]
-        remote = request.remote or ""
-        # As the front door does per connection (FrontProtocol.connection_made).
-        if self.trusted_proxies.trusts(remote):
+        if trusted:
             client = request.headers.get("CF-Connecting-IP") or remote
             proto = "https" if "CF-Ray" in request.headers else request.scheme
         else:

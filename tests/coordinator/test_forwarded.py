@@ -261,6 +261,23 @@ async def test_untrusted_peer_cloudflare_headers_are_ignored(
 
 
 @pytest.mark.parametrize(
+    ("trusted_proxies", "passed_on"), [(None, True), ("10.9.9.9/32", False), ("", False)]
+)
+async def test_cloudflare_headers_reach_the_worker_only_from_trusted_peers(
+    both: Both, trusted_proxies: str | None, passed_on: bool
+) -> None:
+    """Forged CF-Connecting-IP / CF-Ray are dropped, so a worker that reads them is not fooled."""
+    overrides = {} if trusted_proxies is None else {"trusted_proxies": trusted_proxies}
+    front, plain, backend = await both(**overrides)
+    via_front_door = await _seen(front, backend, _request(_CF))
+    via_aiohttp = await _seen(plain, backend, _request(_CF))
+    assert via_front_door == via_aiohttp
+    names = {name.lower() for name, _ in via_front_door}
+    assert ("cf-connecting-ip" in names) is passed_on
+    assert ("cf-ray" in names) is passed_on
+
+
+@pytest.mark.parametrize(
     ("trusted_proxies", "client", "proto"),
     [(None, "203.0.113.9", "https"), ("10.9.9.9/32", "127.0.0.1", "http")],
 )
