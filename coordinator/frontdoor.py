@@ -353,25 +353,25 @@ class _Request:
         connection: list[bytes] = []
         for name, value in headers:
             lower = name.lower()
-            if lower in _NOTED_REQUEST:
-                if lower == b"content-length":
+            if lower in _NOTED_REQUEST:  # the most frequent first
+                if lower == b"host":
+                    if self.host is None:
+                        self.host = value
+                elif lower == b"content-type":
+                    self.content_type = value.split(b";", 1)[0].strip().decode("latin-1").lower()
+                elif lower == b"content-length":
                     try:
                         self.content_length = int(value)
                     except ValueError:
                         self.content_length = None
+                elif lower == b"x-request-id":
+                    self.request_id = value.decode("latin-1")
                 elif lower == b"transfer-encoding":
                     self.chunked = b"chunked" in value.lower()
-                elif lower == b"content-type":
-                    self.content_type = value.split(b";", 1)[0].strip().decode("latin-1").lower()
                 elif lower == b"expect":
                     self.expect = value.strip().lower() == b"100-continue"
                 elif lower == b"connection":
                     connection.extend(t.strip().lower() for t in value.split(b","))
-                elif lower == b"x-request-id":
-                    self.request_id = value.decode("latin-1")
-                elif lower == b"host":
-                    if self.host is None:
-                        self.host = value
                 elif owner.trusts_cloudflare:  # cf-connecting-ip or cf-ray
                     if lower == b"cf-ray":
                         self.via_cloudflare = True
