@@ -150,3 +150,20 @@ async def test_remembered_routes_follow_the_registry(
     resp = await fed.client.get("/service/echo/a")
     assert resp.status == 503
     assert (await resp.json())["error"] == "no_ready_workers"
+
+
+async def test_head_requests_relay_the_head_and_no_body(fed: Fed, scripted: Any) -> None:
+    """A HEAD answer announces a length it does not send; the next request is not confused."""
+    head_answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n"
+    worker = await scripted([[head_answer], [_OK], [head_answer], [_OK]])
+    await fed.register(worker.url)
+    for _ in range(2):
+        resp = await fed.client.head("/service/echo/x")
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "application/json"
+        assert await resp.read() == b""
+        resp = await fed.client.get("/service/echo/y")
+        assert resp.status == 200
+        assert await resp.read() == b'{"ok":true}'
+    assert [r.split(b" ", 1)[0] for r in worker.requests] == [b"HEAD", b"GET", b"HEAD", b"GET"]
+    assert fed.coordinator.proxy.in_flight == 0
