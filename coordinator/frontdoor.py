@@ -218,9 +218,7 @@ class _RequestIds:
 
 _request_ids = _RequestIds()
 
-#: Request target -> (service, upstream path), for targets of catalog services.
-_ROUTES: dict[bytes, tuple[str, str]] = {}
-_ROUTES_MAX = 4096
+_ROUTES_MAX = 4096  # targets remembered per front door (FrontServer.routes)
 _ROUTE_MAX_TARGET = 512  # longer targets (long query strings) are not remembered
 
 
@@ -491,6 +489,9 @@ class FrontServer:
         self.loop = asyncio.get_running_loop()
         self.connections: set[FrontProtocol] = set()
         self.served = 0  # requests answered by the front door (tests and benches read it)
+        # Request target -> (service, upstream path), for targets of this coordinator's
+        # catalog services (its catalog does not change while it runs).
+        self.routes: dict[bytes, tuple[str, str]] = {}
         self.sweeper: asyncio.TimerHandle | None = None
 
     def watch(self, timeout: float) -> None:
@@ -918,7 +919,7 @@ class FrontProtocol(asyncio.Protocol):
         a repeated target costs one dict lookup.
         """
         coord = self.front.coordinator
-        route = _ROUTES.get(req.target)
+        route = self.front.routes.get(req.target)
         if route is None:
             route = self._route(req)
             if route is None:
@@ -953,9 +954,10 @@ class FrontProtocol(asyncio.Protocol):
             return None
         route = service, f"/service/{service}{tail or '/'}" + (f"?{query}" if query else "")
         if service in registry.catalog and len(req.target) <= _ROUTE_MAX_TARGET:
-            if len(_ROUTES) >= _ROUTES_MAX:
-                _ROUTES.clear()
-            _ROUTES[req.target] = route
+            routes = self.front.routes
+            if len(routes) >= _ROUTES_MAX:
+                routes.clear()
+            routes[req.target] = route
         return route
 
     def _plan(self, req: _Request, service: str, model: str | None) -> tuple[Pool, str] | None:

@@ -167,3 +167,19 @@ async def test_head_requests_relay_the_head_and_no_body(fed: Fed, scripted: Any)
         assert await resp.read() == b'{"ok":true}'
     assert [r.split(b" ", 1)[0] for r in worker.requests] == [b"HEAD", b"GET", b"HEAD", b"GET"]
     assert fed.coordinator.proxy.in_flight == 0
+
+
+async def test_remembered_routes_are_per_coordinator(
+    fed_factory: Any, backend_factory: BackendFactory, tmp_path: Any
+) -> None:
+    """Two coordinators in one process (tests, embedded ones) never share remembered routes."""
+    first = await fed_factory()
+    backend = await backend_factory()
+    await first.register(backend.url)
+    assert (await first.client.get("/service/echo/x")).status == 200  # remembered by `first`
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text('[{"name": "ocr", "aliases": ["echo-not"]}]', encoding="utf-8")
+    second = await fed_factory(service_catalog_file=catalog)
+    resp = await second.client.get("/service/echo/x")
+    assert resp.status == 404  # no `echo` in this catalog
+    assert (await resp.json())["available"] == ["ocr"]
